@@ -1,0 +1,146 @@
+"""`lmexport` command line: each command parses, calls the Python API, prints, sets the exit code.
+
+Exit codes: 0 success, 1 `verify` found a parity failure, 2 bad input or usage (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import LmexportError
+
+
+class _BadInput(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"lmexport: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LmexportError as e:
+            if ctx.params.get("debug"):
+                raise
+            raise _BadInput(str(e)) from None
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="lmexport")
+def cli(debug: bool) -> None:
+    """Export Llama-family models to ONNX, run them with onnxruntime, and prove parity."""
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path))
+@click.option("--target", default="plain", show_default=True, help="plain: primitive ONNX ops.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--no-kv-cache", is_flag=True, help="One full forward, no past/present tensors.")
+@click.option("--seed", type=int, default=None, help="Weight seed of a preset (default 0).")
+@click.option("--force", is_flag=True, help="Replace OUTDIR if it exists.")
+def convert(
+    source: str, outdir: Path, target: str, dtype: str, no_kv_cache: bool, seed: int | None, force: bool
+) -> None:
+    """Export SOURCE (a preset name or a Hugging Face model folder) to OUTDIR."""
+    from .exporter import convert as run
+
+    folder = run(source, outdir, target=target, dtype=dtype, kv_cache=not no_kv_cache, seed=seed, force=force)
+    click.echo(f"wrote {folder}/model.onnx ({target}, {dtype}{', no KV cache' if no_kv_cache else ''})")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--source", default=None, help="PyTorch source to compare with (default: lmexport.json's).")
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--steps", default=32, show_default=True, help="Greedy tokens to compare.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def verify(
+    folder: Path, source: str | None, provider: str, steps: int, seed: int, json_path: Path | None
+) -> None:
+    """Compare FOLDER's model in onnxruntime with its PyTorch source on the same inputs."""
+    from .verify import run_verify
+
+    if steps < 1:
+        raise LmexportError("--steps must be at least 1")
+    report = run_verify(folder, source=source, provider=provider, steps=steps, seed=seed)
+    click.echo(report.table())
+    if json_path is not None:
+        report.write_json(json_path)
+    if not report.passed:
+        sys.exit(1)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise LmexportError(f"--ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise LmexportError("--ids is empty")
+    return ids
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Text, encoded with the folder's tokenizer.json.")
+@click.option("--ids", default=None, help="Token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--provider", default="cpu", show_default=True)
+def generate(folder: Path, prompt: str | None, ids: str | None, max_new_tokens: int, provider: str) -> None:
+    """Greedy continuation of a prompt; prints text when FOLDER has a tokenizer, else ids."""
+    from .runtime import LlamaRunner, load_tokenizer
+
+    if (prompt is None) == (ids is None):
+        raise LmexportError("give exactly one of --prompt and --ids")
+    runner = LlamaRunner.load(folder, provider=provider)
+    tokenizer = load_tokenizer(folder) if prompt is not None else None
+    prompt_ids = tokenizer.encode(prompt).ids if tokenizer is not None else _parse_ids(ids or "")
+    if tokenizer is None and (folder / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(folder)
+    produced: list[int] = []
+    for step in runner.stream([prompt_ids], max_new_tokens):
+        produced.append(int(step[0]))
+        if tokenizer is None:
+            click.echo(f"{produced[-1]} ", nl=False)
+    if tokenizer is not None:
+        click.echo(tokenizer.decode(produced), nl=False)
+    click.echo()
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path: Path) -> None:
+    """Op histogram, opsets and I/O of an ONNX file (or of a folder's model.onnx)."""
+    import onnx
+
+    file = path / "model.onnx" if path.is_dir() else path
+    if not file.is_file():
+        raise LmexportError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others for non-ONNX input
+        raise LmexportError(f"{file}: not an ONNX model ({type(e).__name__})") from None
+    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    click.echo(f"{file}: {len(model.graph.node)} nodes; opsets: {opsets}")
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
+            dtype = onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()
+            click.echo(f"  {kind:<6} {v.name}: {dtype}[{', '.join(dims)}]")
+    for op, count in ops.most_common():
+        click.echo(f"  {count:>5}  {op}")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,20 @@
+"""The exceptions the CLI reports as a one-line message with exit code 2.
+
+Anything else escaping a command is a bug in lmexport and keeps its traceback.
+"""
+
+
+class LmexportError(Exception):
+    """Bad input or usage: the message alone tells the user what to fix."""
+
+
+class SourceError(LmexportError):
+    """A model source (preset, folder, checkpoint) cannot be loaded."""
+
+
+class OutputError(LmexportError):
+    """The output location cannot be written as asked."""
+
+
+class RuntimeInputError(LmexportError):
+    """Inputs given to an exported model do not fit it."""

@@ -1,0 +1,71 @@
+"""The output folder of `convert`: built in a temporary sibling, renamed into place at the end, so
+a failure never leaves a half-written folder behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..errors import OutputError
+
+FORMAT_VERSION = 1
+MANIFEST = "lmexport.json"
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+
+
+@contextlib.contextmanager
+def staged_folder(outdir: Path, force: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces `outdir` only if the block succeeds."""
+    if outdir.exists() and not force:
+        raise OutputError(f"{outdir}: already exists (use --force to replace it)")
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"{outdir}: exists and is not a folder")
+    parent = outdir.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: parent folder does not exist")
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot write here ({e.strerror})") from None
+    try:
+        yield stage
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        if outdir.exists():
+            shutil.rmtree(outdir)
+        stage.rename(outdir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_model(model: onnx.ModelProto, folder: Path) -> None:
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            folder / MODEL_FILE,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=MODEL_FILE + ".data",
+        )
+    else:
+        onnx.save_model(model, folder / MODEL_FILE)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2))
+
+
+def copy_files(files: list[Path], folder: Path) -> None:
+    for f in files:
+        shutil.copy2(f, folder / f.name)

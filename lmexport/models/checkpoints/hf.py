@@ -1,0 +1,155 @@
+"""Hugging Face-format Llama folders: `config.json` plus safetensors, single or sharded.
+
+Everything read from the folder is checked before it is trusted: the config's keys and family,
+every tensor's presence and shape (from the safetensors header, before any data is read).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ...errors import SourceError
+from ..llama import Llama, LlamaConfig, rope_inv_freq
+
+LLAMA_MODEL_TYPES = ("llama",)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+# Buffers some exporters save that carry no weights of their own.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data
+
+
+def _eos_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def read_config(folder: Path) -> LlamaConfig:
+    """A `LlamaConfig` from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x
+    (`rope_parameters`) keys."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SourceError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    raw = _read_json(path)
+    model_type = raw.get("model_type")
+    if model_type not in LLAMA_MODEL_TYPES:
+        raise SourceError(
+            f"{path}: model_type {model_type!r} is not Llama-family "
+            f"(supported: {', '.join(LLAMA_MODEL_TYPES)})"
+        )
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise SourceError(f"{path}: hidden_act {act!r} is not supported (Llama uses silu)")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    missing = [k for k in (*required, "num_attention_heads") if k not in raw]
+    if missing:
+        raise SourceError(f"{path}: missing keys {', '.join(missing)}")
+
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    eos = _eos_ids(raw.get("eos_token_id"))
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        eos = eos or _eos_ids(_read_json(gen_path).get("eos_token_id"))
+    try:
+        config = LlamaConfig(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=int(raw["num_attention_heads"]),
+            num_key_value_heads=raw.get("num_key_value_heads"),
+            head_dim=raw.get("head_dim"),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=None if rope_type == "default" else rope,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+        rope_inv_freq(config)  # refuses rope types we cannot reproduce, before any weight is read
+    except (KeyError, TypeError, ValueError) as e:
+        raise SourceError(f"{path}: {e}") from None
+    return config
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise SourceError(f"{index}: no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise SourceError(f"{index}: shard files missing: {', '.join(absent)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise SourceError(f"{folder}: only safetensors weights are read (found .bin/.pt files)")
+    raise SourceError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_weights(folder: Path, model: Llama) -> None:
+    """Copy the folder's tensors into `model`, refusing anything missing, extra or mis-shaped."""
+    expected = model.state_dict()
+    tied = model.config.tie_word_embeddings
+    seen: set[str] = set()
+    for path in _weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                        continue
+                    if name not in expected:
+                        raise SourceError(f"{path.name}: unexpected tensor {name!r}")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    want = tuple(expected[name].shape)
+                    if shape != want:
+                        raise SourceError(
+                            f"{path.name}: tensor {name!r} has shape {list(shape)}, "
+                            f"the config needs {list(want)}"
+                        )
+                    with torch.no_grad():
+                        expected[name].copy_(f.get_tensor(name).to(expected[name].dtype))
+                    seen.add(name)
+        except SafetensorError as e:
+            raise SourceError(f"{path}: unreadable safetensors file ({e})") from None
+        except OSError as e:
+            raise SourceError(f"{path}: {e}") from None
+    needed = set(expected) - ({"lm_head.weight"} if tied else set())
+    missing = sorted(needed - seen)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SourceError(f"{folder}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]

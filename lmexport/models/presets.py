@@ -1,0 +1,54 @@
+"""Named models with seeded random weights: reproducible sources for tests, README and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .llama import LlamaConfig
+
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str
+    config: LlamaConfig
+    about: str
+
+
+PRESETS: dict[str, Preset] = {
+    "llama-tiny": Preset(
+        "llama",
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            max_position_embeddings=512,
+        ),
+        "4 layers, hidden 64, 4/2 heads: fast, for tests and the README",
+    ),
+    "llama-bench": Preset(
+        "llama",
+        LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            max_position_embeddings=4096,
+        ),
+        "155M parameters, 8 layers, hidden 1024, 16/4 heads: the speed benchmark model",
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)

@@ -1,0 +1,155 @@
+"""Running an exported Llama folder: full forwards, prefill + cached decode, greedy generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LmexportError, RuntimeInputError
+from .manifest import MODEL_FILE, read_manifest
+from .session import create_session
+
+
+
+class LlamaRunner:
+    """One onnxruntime session over a `convert` output folder.
+
+    The cache is a list of numpy arrays, [batch, kv_heads, length, head_dim] per layer and K/V:
+    what the graph returns as `present.*` is fed back as `past_key_values.*` at the next step.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], provider: str, threads: int | None):
+        if manifest.get("arch") != "llama":
+            raise LmexportError(f"{folder}: holds a {manifest.get('arch')!r} model, not a Llama")
+        self.folder = folder
+        self.manifest = manifest
+        self.config: dict[str, Any] = manifest["config"]
+        self.kv_cache: bool = bool(manifest["kv_cache"])
+        self.num_layers: int = int(self.config["num_hidden_layers"])
+        self.vocab_size: int = int(self.config["vocab_size"])
+        self.eos_token_ids: list[int] = list(self.config.get("eos_token_id") or [])
+        self.provider = provider
+        self.session = create_session(folder / MODEL_FILE, provider, threads)
+        self._past_names = [i.name for i in self.session.get_inputs()][2:]
+        past_type = self.session.get_inputs()[-1].type if self._past_names else "tensor(float)"
+        cache_dtype = past_type[len("tensor(") : -1]
+        if self.kv_cache and cache_dtype not in ("float", "float16"):
+            raise LmexportError(f"{folder}: cache dtype {cache_dtype} is not runnable from numpy")
+        self.cache_dtype = np.float16 if cache_dtype == "float16" else np.float32
+
+    @classmethod
+    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> LlamaRunner:
+        folder = Path(folder)
+        return cls(folder, read_manifest(folder), provider, threads)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _check_ids(self, input_ids: Any) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise RuntimeInputError("input_ids must be a non-empty [batch, sequence] array of integers")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise RuntimeInputError(
+                f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        limit = int(self.config["max_position_embeddings"])
+        if ids.shape[1] > limit:
+            raise RuntimeInputError(f"prompt of {ids.shape[1]} tokens exceeds the context of {limit}")
+        return ids.astype(np.int64)
+
+    def _check_mask(self, mask: Any, ids: np.ndarray) -> np.ndarray:
+        if mask is None:
+            return np.ones(ids.shape, dtype=np.int64)
+        mask = np.asarray(mask, dtype=np.int64)
+        if mask.shape != ids.shape:
+            raise RuntimeInputError(f"attention_mask shape {mask.shape} differs from input_ids {ids.shape}")
+        if not mask[:, -1].all():
+            raise RuntimeInputError("attention_mask must end in a real token on every row (pad on the left)")
+        return mask
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, int(self.config["num_key_value_heads"]), 0, int(self.config["head_dim"]))
+        return [np.zeros(shape, dtype=self.cache_dtype) for _ in self._past_names]
+
+    # -- forwards ------------------------------------------------------------------------------
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph run: logits [batch, seq, vocab] (float32) and the new cache."""
+        feeds: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.kv_cache:
+            past = past if past is not None else self.empty_cache(input_ids.shape[0])
+            feeds.update(zip(self._past_names, past, strict=True))
+        logits, *present = self.session.run(None, feeds)
+        return logits.astype(np.float32, copy=False), present
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """Full forward over the prompt, no cache kept."""
+        ids = self._check_ids(input_ids)
+        return self.forward(ids, self._check_mask(attention_mask, ids), None)[0]
+
+    def stream(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        attention_mask: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Greedy decoding, yielding the next token of every row ([batch] int64) as it is made.
+
+        Stops after `max_new_tokens`, or once every row has produced an end token (rows that
+        finished earlier keep repeating their end token).
+        """
+        ids = self._check_ids(input_ids)
+        mask = self._check_mask(attention_mask, ids)
+        if max_new_tokens < 0:
+            raise RuntimeInputError("max_new_tokens must be ≥ 0")
+        limit = int(self.config["max_position_embeddings"])
+        if ids.shape[1] + max_new_tokens > limit:
+            raise RuntimeInputError(
+                f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of {limit}"
+            )
+        if eos_token_id is None:
+            stops = set(self.eos_token_ids)
+        elif isinstance(eos_token_id, int):
+            stops = {eos_token_id}
+        else:
+            stops = set(eos_token_id)
+        done = np.zeros(ids.shape[0], dtype=bool)
+        past: list[np.ndarray] | None = None
+        step_ids, seen = ids, ids
+        for _ in range(max_new_tokens):
+            if self.kv_cache:
+                logits, past = self.forward(step_ids, mask, past)
+            else:
+                logits, _ = self.forward(seen, mask, None)
+            nxt = logits[:, -1].argmax(-1).astype(np.int64)
+            nxt = np.where(done, seen[:, -1], nxt)
+            done |= np.isin(nxt, list(stops))
+            yield nxt
+            if done.all():
+                return
+            step_ids = nxt[:, None]
+            seen = np.concatenate([seen, step_ids], axis=1)
+            mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        attention_mask: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Greedy continuation: the new tokens only, [batch, steps]."""
+        ids = self._check_ids(input_ids)
+        steps = list(self.stream(ids, max_new_tokens, attention_mask, eos_token_id))
+        if not steps:
+            return np.zeros((ids.shape[0], 0), dtype=np.int64)
+        return np.stack(steps, axis=1)

@@ -1,0 +1,31 @@
+"""Reading an output folder's `lmexport.json` without torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import LmexportError
+
+MANIFEST = "lmexport.json"
+MODEL_FILE = "model.onnx"
+SUPPORTED_FORMAT = 1
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise LmexportError(f"{folder}: not a folder written by `lmexport convert`")
+    if not path.is_file():
+        raise LmexportError(f"{folder}: no {MANIFEST} (not a folder written by `lmexport convert`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LmexportError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != SUPPORTED_FORMAT:
+        raise LmexportError(f"{path}: unsupported format_version (this lmexport reads {SUPPORTED_FORMAT})")
+    if not (folder / MODEL_FILE).is_file():
+        raise LmexportError(f"{folder}: {MODEL_FILE} is missing")
+    return manifest

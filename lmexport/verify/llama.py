@@ -1,0 +1,142 @@
+"""Parity of an exported Llama folder against its PyTorch source, on seeded inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.llama import Llama
+from ..models.source import load_source, weights_sha256
+from ..runtime.llama import LlamaRunner
+from .inputs import left_pad, random_ids
+from .metrics import cosine, kl_divergence, max_abs_diff, top1_agreement
+from .report import Check, Report
+
+FP32_LOGITS_TOL = 1e-4
+LOW_PRECISION_TOP1 = 0.99
+
+
+@torch.no_grad()
+def torch_logits(model: Llama, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    m = None if mask is None else torch.from_numpy(mask)
+    return model(torch.from_numpy(ids), m)[0].numpy()
+
+
+@torch.no_grad()
+def torch_greedy(model: Llama, ids: np.ndarray, steps: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """PyTorch's own greedy decode with its KV cache: the reference token sequence."""
+    x = torch.from_numpy(ids)
+    m = torch.ones_like(x) if mask is None else torch.from_numpy(mask)
+    cache = None
+    out = []
+    for _ in range(steps):
+        logits, cache = model(x, m, cache)
+        x = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(x)
+        m = torch.cat([m, torch.ones_like(x)], dim=1)
+    return torch.cat(out, dim=1).numpy()
+
+
+def _source_model(manifest: dict[str, Any], source: str | None) -> tuple[Llama, str]:
+    record = manifest["source"]
+    name = source or record.get("name") or record.get("path")
+    seed = record.get("seed") if name == record.get("name") else None
+    return load_source(name, seed).model, name
+
+
+def verify_llama(
+    folder: str | Path,
+    *,
+    source: str | None = None,
+    provider: str = "cpu",
+    steps: int = 32,
+    seed: int = 0,
+) -> Report:
+    runner = LlamaRunner.load(folder, provider=provider)
+    manifest = runner.manifest
+    model, source_name = _source_model(manifest, source)
+    low_precision = manifest["dtype"] != "float32"
+    tolerances = (
+        {"top1_agreement_min": LOW_PRECISION_TOP1}
+        if low_precision
+        else {"logits_max_abs": FP32_LOGITS_TOL}
+    )
+    report = Report(str(folder), source_name, provider, seed, manifest["dtype"], tolerances)
+    rng = np.random.default_rng(seed)
+    vocab = runner.vocab_size
+
+    def logits_check(name: str, ref: np.ndarray, got: np.ndarray, inputs: str) -> Check:
+        metrics: dict[str, float | int | str] = {
+            "max_abs": max_abs_diff(ref, got),
+            "cosine_min": cosine(ref, got),
+            "top1": top1_agreement(ref, got),
+        }
+        if low_precision:
+            metrics["kl"] = kl_divergence(ref, got)
+            ok = float(metrics["top1"]) >= LOW_PRECISION_TOP1
+        else:
+            ok = float(metrics["max_abs"]) <= FP32_LOGITS_TOL
+        return Check(name, ok, metrics, inputs)
+
+    digest = weights_sha256(model)
+    expected = manifest["source"].get("weights_sha256")
+    report.checks.append(
+        Check("source_weights", digest == expected, {"sha256": digest[:16]}, f"expected {str(expected)[:16]}")
+    )
+
+    ids = random_ids(rng, vocab, 2, 16)
+    report.checks.append(
+        logits_check("logits", torch_logits(model, ids), runner.logits(ids), "batch 2 × 16 random ids")
+    )
+
+    if runner.kv_cache:
+        ids = random_ids(rng, vocab, 1, 24)
+        ref = torch_logits(model, ids)
+        got, past = runner.forward(ids[:, :8], np.ones((1, 8), np.int64), None)
+        per_step = [got]
+        for t in range(8, 24):
+            step, past = runner.forward(ids[:, t : t + 1], np.ones((1, t + 1), np.int64), past)
+            per_step.append(step)
+        report.checks.append(
+            logits_check(
+                "kv_cache", ref, np.concatenate(per_step, axis=1),
+                "prefill 8 then 16 one-token decode steps vs the full forward",
+            )
+        )
+
+    prompt = random_ids(rng, vocab, 1, 8)
+    ref_tokens = torch_greedy(model, prompt, steps)
+    got_tokens = runner.generate(prompt, steps, eos_token_id=[])
+    same = int((np.cumprod(ref_tokens[0] == got_tokens[0])).sum())
+    greedy_metrics: dict[str, float | int | str] = {"identical_prefix": same, "steps": steps}
+    if low_precision:
+        # Teacher-forced: both score the PyTorch greedy sequence, position by position.
+        seq = np.concatenate([prompt, ref_tokens], axis=1)
+        ref, got = torch_logits(model, seq)[:, 7:-1], runner.logits(seq)[:, 7:-1]
+        greedy_metrics |= {"top1": top1_agreement(ref, got), "kl": kl_divergence(ref, got)}
+        greedy_ok = float(greedy_metrics["top1"]) >= LOW_PRECISION_TOP1
+    else:
+        greedy_ok = same == steps
+    report.checks.append(
+        Check("greedy", greedy_ok, greedy_metrics, f"prompt of 8 random ids, {steps} greedy tokens")
+    )
+
+    rows = [random_ids(rng, vocab, 1, n)[0] for n in (11, 5)]
+    ids, mask = left_pad(rows)
+    batched = runner.logits(ids, mask)
+    alone = [torch_logits(model, r[None]) for r in rows]
+    width = ids.shape[1]
+    ref = np.concatenate([a[0] for a in alone])
+    got = np.concatenate([batched[i, width - len(r) :] for i, r in enumerate(rows)])
+    pad_check = logits_check("left_padding", ref, got, "batch of prompts of 11 and 5 ids, left-padded")
+    n_gen = min(8, steps)
+    batch_tokens = runner.generate(ids, n_gen, attention_mask=mask, eos_token_id=[])
+    alone_tokens = np.concatenate([torch_greedy(model, r[None], n_gen) for r in rows])
+    pad_check.metrics["greedy_rows_identical"] = int((batch_tokens == alone_tokens).all(1).sum())
+    if not low_precision:
+        pad_check.passed &= bool((batch_tokens == alone_tokens).all())
+    report.checks.append(pad_check)
+    return report
