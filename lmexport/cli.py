@@ -48,18 +48,30 @@ def cli(debug: bool) -> None:
 @click.option("--seed", type=int, default=None, help="Weight seed of a preset (default 0).")
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it exists.")
 def convert(
-    source: str, outdir: Path, target: str, dtype: str, no_kv_cache: bool, seed: int | None, force: bool
+    source: str,
+    outdir: Path,
+    target: str,
+    dtype: str,
+    no_kv_cache: bool,
+    seed: int | None,
+    force: bool,
 ) -> None:
     """Export SOURCE (a preset name or a Hugging Face model folder) to OUTDIR."""
     from .exporter import convert as run
 
-    folder = run(source, outdir, target=target, dtype=dtype, kv_cache=not no_kv_cache, seed=seed, force=force)
-    click.echo(f"wrote {folder}/model.onnx ({target}, {dtype}{', no KV cache' if no_kv_cache else ''})")
+    folder = run(
+        source, outdir, target=target, dtype=dtype, kv_cache=not no_kv_cache, seed=seed, force=force
+    )
+    click.echo(
+        f"wrote {folder}/model.onnx ({target}, {dtype}{', no KV cache' if no_kv_cache else ''})"
+    )
 
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--source", default=None, help="PyTorch source to compare with (default: lmexport.json's).")
+@click.option(
+    "--source", default=None, help="PyTorch source to compare with (default: lmexport.json's)."
+)
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--steps", default=32, show_default=True, help="Greedy tokens to compare.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
@@ -96,7 +108,9 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--ids", default=None, help="Token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--provider", default="cpu", show_default=True)
-def generate(folder: Path, prompt: str | None, ids: str | None, max_new_tokens: int, provider: str) -> None:
+def generate(
+    folder: Path, prompt: str | None, ids: str | None, max_new_tokens: int, provider: str
+) -> None:
     """Greedy continuation of a prompt; prints text when FOLDER has a tokenizer, else ids."""
     from .runtime import LlamaRunner, load_tokenizer
 

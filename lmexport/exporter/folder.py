@@ -63,7 +63,9 @@ def save_model(model: onnx.ModelProto, folder: Path) -> None:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2))
+    (folder / MANIFEST).write_text(
+        json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2)
+    )
 
 
 def copy_files(files: list[Path], folder: Path) -> None:

@@ -62,7 +62,9 @@ def export_llama(model: Llama, kv_cache: bool = True, opset: int = PLAIN_OPSET) 
     if kv_cache:
         past_len = torch.export.Dim("past_sequence")
         dtype = model.lm_head.weight.dtype
-        past = [torch.zeros(2, config.n_kv_heads, 4, config.d_head, dtype=dtype) for _ in range(2 * n)]
+        past = [
+            torch.zeros(2, config.n_kv_heads, 4, config.d_head, dtype=dtype) for _ in range(2 * n)
+        ]
         args: tuple[object, ...] = (ids, torch.ones(2, 7, dtype=torch.int64), past)
         dynamic: dict[str, object] = {
             "input_ids": {0: batch, 1: seq},
@@ -115,7 +117,7 @@ def graph_io(proto: onnx.ModelProto) -> dict[str, list[dict[str, object]]]:
     """Names, dtypes and symbolic shapes of the graph's inputs and outputs, for `lmexport.json`."""
 
     def describe(values: list[onnx.ValueInfoProto]) -> list[dict[str, object]]:
-        out = []
+        out: list[dict[str, object]] = []
         for v in values:
             t = v.type.tensor_type
             shape = [d.dim_param or d.dim_value for d in t.shape.dim]
@@ -125,4 +127,7 @@ def graph_io(proto: onnx.ModelProto) -> dict[str, list[dict[str, object]]]:
             out.append({"name": v.name, "dtype": dtype, "shape": shape})
         return out
 
-    return {"inputs": describe(list(proto.graph.input)), "outputs": describe(list(proto.graph.output))}
+    return {
+        "inputs": describe(list(proto.graph.input)),
+        "outputs": describe(list(proto.graph.output)),
+    }

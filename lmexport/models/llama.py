@@ -196,6 +196,8 @@ class Decoder(nn.Module):
 
 
 class Llama(nn.Module):
+    inv_freq: Tensor
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config

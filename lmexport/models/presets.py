@@ -1,4 +1,4 @@
-"""Named models with seeded random weights: reproducible sources for tests, README and benchmarks."""
+"""Named models with seeded random weights: reproducible sources for tests, README, benchmarks."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ from .manifest import MODEL_FILE, read_manifest
 from .session import create_session
 
 
-
 class LlamaRunner:
     """One onnxruntime session over a `convert` output folder.
 
@@ -41,7 +40,9 @@ class LlamaRunner:
         self.cache_dtype = np.float16 if cache_dtype == "float16" else np.float32
 
     @classmethod
-    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> LlamaRunner:
+    def load(
+        cls, folder: str | Path, provider: str = "cpu", threads: int | None = None
+    ) -> LlamaRunner:
         folder = Path(folder)
         return cls(folder, read_manifest(folder), provider, threads)
 
@@ -52,7 +53,9 @@ class LlamaRunner:
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise RuntimeInputError("input_ids must be a non-empty [batch, sequence] array of integers")
+            raise RuntimeInputError(
+                "input_ids must be a non-empty [batch, sequence] array of integers"
+            )
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if bad.size:
             raise RuntimeInputError(
@@ -60,7 +63,9 @@ class LlamaRunner:
             )
         limit = int(self.config["max_position_embeddings"])
         if ids.shape[1] > limit:
-            raise RuntimeInputError(f"prompt of {ids.shape[1]} tokens exceeds the context of {limit}")
+            raise RuntimeInputError(
+                f"prompt of {ids.shape[1]} tokens exceeds the context of {limit}"
+            )
         return ids.astype(np.int64)
 
     def _check_mask(self, mask: Any, ids: np.ndarray) -> np.ndarray:
@@ -68,9 +73,13 @@ class LlamaRunner:
             return np.ones(ids.shape, dtype=np.int64)
         mask = np.asarray(mask, dtype=np.int64)
         if mask.shape != ids.shape:
-            raise RuntimeInputError(f"attention_mask shape {mask.shape} differs from input_ids {ids.shape}")
+            raise RuntimeInputError(
+                f"attention_mask shape {mask.shape} differs from input_ids {ids.shape}"
+            )
         if not mask[:, -1].all():
-            raise RuntimeInputError("attention_mask must end in a real token on every row (pad on the left)")
+            raise RuntimeInputError(
+                "attention_mask must end in a real token on every row (pad on the left)"
+            )
         return mask
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -114,7 +123,8 @@ class LlamaRunner:
         limit = int(self.config["max_position_embeddings"])
         if ids.shape[1] + max_new_tokens > limit:
             raise RuntimeInputError(
-                f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of {limit}"
+                f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the context of {limit}"
             )
         if eos_token_id is None:
             stops = set(self.eos_token_ids)

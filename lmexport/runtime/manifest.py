@@ -25,7 +25,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LmexportError(f"{path}: unreadable ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != SUPPORTED_FORMAT:
-        raise LmexportError(f"{path}: unsupported format_version (this lmexport reads {SUPPORTED_FORMAT})")
+        raise LmexportError(
+            f"{path}: unsupported format_version (this lmexport reads {SUPPORTED_FORMAT})"
+        )
     if not (folder / MODEL_FILE).is_file():
         raise LmexportError(f"{folder}: {MODEL_FILE} is missing")
     return manifest

@@ -32,4 +32,6 @@ def create_session(
     try:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for unloadable graphs
-        raise LmexportError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        raise LmexportError(
+            f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})"
+        ) from None

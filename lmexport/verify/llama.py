@@ -26,7 +26,9 @@ def torch_logits(model: Llama, ids: np.ndarray, mask: np.ndarray | None = None) 
 
 
 @torch.no_grad()
-def torch_greedy(model: Llama, ids: np.ndarray, steps: int, mask: np.ndarray | None = None) -> np.ndarray:
+def torch_greedy(
+    model: Llama, ids: np.ndarray, steps: int, mask: np.ndarray | None = None
+) -> np.ndarray:
     """PyTorch's own greedy decode with its KV cache: the reference token sequence."""
     x = torch.from_numpy(ids)
     m = torch.ones_like(x) if mask is None else torch.from_numpy(mask)
@@ -84,12 +86,19 @@ def verify_llama(
     digest = weights_sha256(model)
     expected = manifest["source"].get("weights_sha256")
     report.checks.append(
-        Check("source_weights", digest == expected, {"sha256": digest[:16]}, f"expected {str(expected)[:16]}")
+        Check(
+            "source_weights",
+            digest == expected,
+            {"sha256": digest[:16]},
+            f"expected {str(expected)[:16]}",
+        )
     )
 
     ids = random_ids(rng, vocab, 2, 16)
     report.checks.append(
-        logits_check("logits", torch_logits(model, ids), runner.logits(ids), "batch 2 × 16 random ids")
+        logits_check(
+            "logits", torch_logits(model, ids), runner.logits(ids), "batch 2 x 16 random ids"
+        )
     )
 
     if runner.kv_cache:
@@ -102,7 +111,9 @@ def verify_llama(
             per_step.append(step)
         report.checks.append(
             logits_check(
-                "kv_cache", ref, np.concatenate(per_step, axis=1),
+                "kv_cache",
+                ref,
+                np.concatenate(per_step, axis=1),
                 "prefill 8 then 16 one-token decode steps vs the full forward",
             )
         )
@@ -131,7 +142,9 @@ def verify_llama(
     width = ids.shape[1]
     ref = np.concatenate([a[0] for a in alone])
     got = np.concatenate([batched[i, width - len(r) :] for i, r in enumerate(rows)])
-    pad_check = logits_check("left_padding", ref, got, "batch of prompts of 11 and 5 ids, left-padded")
+    pad_check = logits_check(
+        "left_padding", ref, got, "batch of prompts of 11 and 5 ids, left-padded"
+    )
     n_gen = min(8, steps)
     batch_tokens = runner.generate(ids, n_gen, attention_mask=mask, eos_token_id=[])
     alone_tokens = np.concatenate([torch_greedy(model, r[None], n_gen) for r in rows])

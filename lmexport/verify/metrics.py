@@ -24,6 +24,7 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def kl_divergence(ref: np.ndarray, other: np.ndarray) -> float:
     """Mean KL(ref ‖ other) over positions, in nats."""
+
     def log_softmax(x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float64)
         x = x - x.max(-1, keepdims=True)

@@ -1,4 +1,4 @@
-"""A parity report: every check with its numbers, the inputs and the provider, not just pass/fail."""
+"""A parity report: each check with its numbers, inputs and provider, not just pass/fail."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class Report:
     def table(self) -> str:
         head = [
             f"verify {self.folder}",
-            f"  source {self.source} · provider {self.provider} · dtype {self.dtype} · seed {self.seed}",
+            f"  source {self.source} · provider {self.provider} · dtype {self.dtype}"
+            f" · seed {self.seed}",
             f"  tolerances {', '.join(f'{k} {v:g}' for k, v in self.tolerances.items())}",
         ]
         width = max(len(c.name) for c in self.checks) if self.checks else 0
@@ -52,7 +53,8 @@ class Report:
             nums = "  ".join(f"{k}={_fmt(v)}" for k, v in c.metrics.items())
             rows.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<{width}}  {nums}")
             rows.append(f"        {'':<{width}}  inputs: {c.inputs}")
-        tail = f"{'passed' if self.passed else 'FAILED'}: {sum(c.passed for c in self.checks)}/{len(self.checks)} checks"
+        passed = sum(c.passed for c in self.checks)
+        tail = f"{'passed' if self.passed else 'FAILED'}: {passed}/{len(self.checks)} checks"
         return "\n".join([*head, *rows, tail])
 
 

@@ -1,0 +1,85 @@
+"""Model folders written by the tests themselves: no network, seeded weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmexport.models.llama import Llama, LlamaConfig, init_random
+
+SMALL = LlamaConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def small_config(**changes: Any) -> LlamaConfig:
+    return replace(SMALL, **changes)
+
+
+def hf_config_json(config: LlamaConfig) -> dict[str, Any]:
+    """config.json as transformers 4.x writes it (rope_theta + rope_scaling)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "torch_dtype": "float32",
+    }
+
+
+def write_hf_folder(
+    folder: Path,
+    config: LlamaConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 1,
+) -> Llama:
+    """A Hugging Face-format folder; returns the fp32 model its weights round to."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = Llama(config).eval()
+    init_random(model, seed)
+    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    (folder / "config.json").write_text(json.dumps(hf_config_json(config)))
+    names = sorted(state)
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        for i in range(shards):
+            part = names[i::shards]
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: state[k] for k in part}, str(folder / file))
+            weight_map.update(dict.fromkeys(part, file))
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    # What the export will actually see: the weights after the round trip through `dtype`.
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            v.copy_(v.to(dtype).float())
+    return model

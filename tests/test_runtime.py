@@ -1,0 +1,72 @@
+"""The runtime alone: no torch, cache handling, batching and stopping."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmexport.errors import RuntimeInputError
+from lmexport.runtime import LlamaRunner
+
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now fails
+import numpy as np
+from lmexport.runtime import LlamaRunner
+runner = LlamaRunner.load(sys.argv[1])
+print(" ".join(map(str, runner.generate(np.array([[1, 2, 3]]), 5, eos_token_id=[])[0])))
+assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+"""
+
+
+def test_runtime_without_torch(tiny_folder: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(tiny_folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    expected = LlamaRunner.load(tiny_folder).generate([[1, 2, 3]], 5, eos_token_id=[])[0]
+    assert done.stdout.split() == [str(t) for t in expected]
+
+
+def test_cached_decode_equals_full_forward(tiny_folder: Path) -> None:
+    runner = LlamaRunner.load(tiny_folder, threads=1)
+    ids = np.random.default_rng(3).integers(0, runner.vocab_size, size=(1, 10))
+    tokens = runner.generate(ids, 6, eos_token_id=[])[0]
+    full = runner.logits(np.concatenate([ids, tokens[None, :-1]], axis=1))
+    assert (full[0, 9:].argmax(-1) == tokens).all()
+
+
+def test_stops_at_eos(tiny_folder: Path) -> None:
+    runner = LlamaRunner.load(tiny_folder)
+    free = runner.generate([[5, 6, 7]], 10, eos_token_id=[])[0]
+    stopped = runner.generate([[5, 6, 7]], 10, eos_token_id=int(free[3]))[0]
+    first = list(free).index(free[3])
+    assert list(stopped) == list(free[: first + 1])
+
+
+def test_batch_rows_match_single_rows(tiny_folder: Path) -> None:
+    runner = LlamaRunner.load(tiny_folder)
+    rows = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1]]
+    ids = np.zeros((2, 8), np.int64)
+    mask = np.zeros((2, 8), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, 8 - len(r) :], mask[i, 8 - len(r) :] = r, 1
+    batched = runner.generate(ids, 8, attention_mask=mask, eos_token_id=[])
+    for i, r in enumerate(rows):
+        assert (batched[i] == runner.generate([r], 8, eos_token_id=[])[0]).all()
+
+
+def test_right_padding_refused(tiny_folder: Path) -> None:
+    runner = LlamaRunner.load(tiny_folder)
+    with pytest.raises(RuntimeInputError, match="left"):
+        runner.logits([[1, 2, 0]], [[1, 1, 0]])
+
+
+def test_context_limit(tiny_folder: Path) -> None:
+    runner = LlamaRunner.load(tiny_folder)
+    with pytest.raises(RuntimeInputError, match="context"):
+        runner.generate([[1] * 500], 100)
