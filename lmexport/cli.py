@@ -42,7 +42,12 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.argument("source")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path))
-@click.option("--target", default="plain", show_default=True, help="plain: primitive ONNX ops.")
+@click.option(
+    "--target",
+    default="ort",
+    show_default=True,
+    help="ort: onnxruntime fused ops; onnx: opset 23 fused ops; plain: primitive ops.",
+)
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--no-kv-cache", is_flag=True, help="One full forward, no past/present tensors.")
 @click.option("--seed", type=int, default=None, help="Weight seed of a preset (default 0).")

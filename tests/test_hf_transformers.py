@@ -32,6 +32,7 @@ def save_random_llama(folder: Path, **overrides: object) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("target", ["ort", "onnx", "plain"])
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -51,9 +52,9 @@ def save_random_llama(folder: Path, **overrides: object) -> torch.nn.Module:
     ],
     ids=["plain_config", "llama3_rope_tied_head_dim"],
 )
-def test_matches_transformers(tmp_path: Path, overrides: dict[str, object]) -> None:
+def test_matches_transformers(tmp_path: Path, overrides: dict[str, object], target: str) -> None:
     reference = save_random_llama(tmp_path / "hf", **overrides)
-    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out")
+    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out", target=target)
     runner = LlamaRunner.load(out)
 
     rng = np.random.default_rng(0)

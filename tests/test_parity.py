@@ -41,19 +41,24 @@ def assert_fp32_parity(report: Report, steps: int = 32) -> None:
     assert metrics["left_padding"]["greedy_rows_identical"] == 2
 
 
+TARGETS = ["plain", "ort", "onnx"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_config_parity(name: str, tmp_path: Path) -> None:
+def test_config_parity(name: str, target: str, tmp_path: Path) -> None:
     write_hf_folder(tmp_path / "hf", CONFIGS[name], seed=1)
-    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out")
+    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out", target=target)
     report = lmexport.verify(out)
     assert_fp32_parity(report)
     assert report.metrics["kv_cache"]["max_abs"] <= 1e-4
 
 
-def test_sharded_bf16_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", TARGETS)
+def test_sharded_bf16_folder(target: str, tmp_path: Path) -> None:
     write_hf_folder(tmp_path / "hf", CONFIGS["gqa"], seed=2, dtype=torch.bfloat16, shards=3)
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) == 3
-    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out")
+    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out", target=target)
     assert_fp32_parity(lmexport.verify(out))
 
 
@@ -63,8 +68,9 @@ def test_preset_tiny(tiny_folder: Path) -> None:
     assert report.metrics["kv_cache"]["max_abs"] <= 1e-4
 
 
-def test_without_kv_cache(tmp_path: Path) -> None:
-    out = lmexport.convert("llama-tiny", tmp_path / "out", kv_cache=False)
+@pytest.mark.parametrize("target", TARGETS)
+def test_without_kv_cache(target: str, tmp_path: Path) -> None:
+    out = lmexport.convert("llama-tiny", tmp_path / "out", target=target, kv_cache=False)
     report = lmexport.verify(out, steps=8)
     assert_fp32_parity(report, steps=8)
     assert "kv_cache" not in report.metrics
@@ -91,8 +97,8 @@ def test_verify_catches_a_changed_weight(tiny_folder: Path, tmp_path: Path) -> N
     assert report.metrics["logits"]["max_abs"] > 1e-4
 
 
-def test_float16_export(tmp_path: Path) -> None:
-    out = lmexport.convert("llama-tiny", tmp_path / "out", dtype="float16")
+def test_float16_plain(tmp_path: Path) -> None:
+    out = lmexport.convert("llama-tiny", tmp_path / "out", target="plain", dtype="float16")
     report = lmexport.verify(out, steps=16)
     assert report.passed, report.table()
     assert report.metrics["greedy"]["top1"] >= 0.99

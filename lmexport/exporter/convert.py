@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,20 @@ import torch
 
 from ..errors import LmexportError
 from ..models.source import load_source
+from .compat import check_runnable
 from .folder import copy_files, save_model, staged_folder, write_manifest
-from .llama import PLAIN_OPSET, export_llama, graph_io
+from .llama import OPSETS, export_llama, graph_io
 
-TARGETS = ("plain",)
+TARGETS = tuple(OPSETS)
+# Ops that stand for a whole fused subgraph; their counts go to lmexport.json's `passes`.
+FUSED_OPS = (
+    "GroupQueryAttention",
+    "Attention",
+    "SkipSimplifiedLayerNormalization",
+    "RMSNormalization",
+    "RotaryEmbedding",
+    "QuickGelu",
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -21,7 +32,7 @@ def convert(
     source: str,
     outdir: str | Path,
     *,
-    target: str = "plain",
+    target: str = "ort",
     dtype: str = "float32",
     kv_cache: bool = True,
     seed: int | None = None,
@@ -37,8 +48,9 @@ def convert(
         loaded = load_source(source, seed)
         source_record = loaded.source_record()
         model = loaded.model.to(DTYPES[dtype])
-        proto = export_llama(model, kv_cache=kv_cache, opset=PLAIN_OPSET)
-        onnx.checker.check_model(proto)
+        proto = export_llama(model, target, kv_cache=kv_cache)
+        onnx.checker.check_model(proto, full_check=True)
+        check_runnable(proto, target)
         save_model(proto, stage)
         copy_files(loaded.tokenizer_files, stage)
         manifest: dict[str, Any] = {
@@ -46,12 +58,17 @@ def convert(
             "config": model.config.to_dict(),
             "target": target,
             "dtype": dtype,
-            "opset": PLAIN_OPSET,
+            "opset": OPSETS[target],
             "kv_cache": kv_cache,
             **graph_io(proto),
             "source": source_record,
-            "passes": {},
+            "passes": {"export": fused_op_counts(proto)},
             "quantization": None,
         }
         write_manifest(stage, manifest)
     return outdir
+
+
+def fused_op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    counts = Counter(n.op_type for n in proto.graph.node if n.op_type in FUSED_OPS)
+    return dict(sorted(counts.items()))

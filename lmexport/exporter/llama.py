@@ -12,8 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from ..models.llama import Llama
+from .fused import FusedLlama
 
-PLAIN_OPSET = 20
+# Default-domain opset of each target's graph: the fused targets need 23 for RMSNormalization,
+# RotaryEmbedding and Attention.
+OPSETS = {"ort": 23, "onnx": 23, "plain": 20}
 
 
 def input_names(num_layers: int, kv_cache: bool) -> list[str]:
@@ -29,7 +32,7 @@ def output_names(num_layers: int, kv_cache: bool) -> list[str]:
 class _WithCache(nn.Module):
     """Flat tensors in and out, in the order of `input_names` / `output_names`."""
 
-    def __init__(self, model: Llama) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -42,7 +45,7 @@ class _WithCache(nn.Module):
 
 
 class _NoCache(nn.Module):
-    def __init__(self, model: Llama) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -50,9 +53,16 @@ class _NoCache(nn.Module):
         return self.model(input_ids, attention_mask)[0]
 
 
-def export_llama(model: Llama, kv_cache: bool = True, opset: int = PLAIN_OPSET) -> onnx.ModelProto:
-    """Trace `model` (already in the export dtype) with torch.export and return the ONNX graph."""
+def export_llama(
+    model: Llama, target: str = "plain", kv_cache: bool = True, rotary: str = "auto"
+) -> onnx.ModelProto:
+    """Trace `model` (already in the export dtype) with torch.export and return the ONNX graph.
+
+    `plain` traces the eager modules into primitive ops; `ort` and `onnx` trace `FusedLlama`
+    (`rotary` is its choice of where the `ort` graph rotates).
+    """
     config = model.config
+    traced: nn.Module = model if target == "plain" else FusedLlama(model, target, rotary)
     n = config.num_hidden_layers
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("sequence")
@@ -71,11 +81,11 @@ def export_llama(model: Llama, kv_cache: bool = True, opset: int = PLAIN_OPSET) 
             "attention_mask": {0: batch, 1: torch.export.Dim("total_sequence")},
             "past": [{0: batch, 2: past_len}] * (2 * n),
         }
-        wrapper = _WithCache(model)
+        wrapper = _WithCache(traced)
     else:
         args = (ids, torch.ones(2, 3, dtype=torch.int64))
         dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-        wrapper = _NoCache(model)
+        wrapper = _NoCache(traced)
 
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -90,7 +100,7 @@ def export_llama(model: Llama, kv_cache: bool = True, opset: int = PLAIN_OPSET) 
                 dynamic_shapes=dynamic,
                 input_names=input_names(n, kv_cache),
                 output_names=output_names(n, kv_cache),
-                opset_version=opset,
+                opset_version=OPSETS[target],
                 optimize=True,
                 verbose=False,
             )

@@ -69,6 +69,9 @@ def verify_llama(
     report = Report(str(folder), source_name, provider, seed, manifest["dtype"], tolerances)
     rng = np.random.default_rng(seed)
     vocab = runner.vocab_size
+    # Top-1 agreement ≥ 99% only means something over ≥ 100 positions: one flipped near-tie in
+    # 24 would read as 96%. Low-precision folders are therefore checked on longer inputs.
+    n = 4 if low_precision else 1
 
     def logits_check(name: str, ref: np.ndarray, got: np.ndarray, inputs: str) -> Check:
         metrics: dict[str, float | int | str] = {
@@ -94,19 +97,19 @@ def verify_llama(
         )
     )
 
-    ids = random_ids(rng, vocab, 2, 16)
+    ids = random_ids(rng, vocab, 2, 16 * n)
     report.checks.append(
         logits_check(
-            "logits", torch_logits(model, ids), runner.logits(ids), "batch 2 x 16 random ids"
+            "logits", torch_logits(model, ids), runner.logits(ids), f"batch 2 x {16 * n} random ids"
         )
     )
 
     if runner.kv_cache:
-        ids = random_ids(rng, vocab, 1, 24)
+        ids = random_ids(rng, vocab, 1, 8 + 16 * n * 2)
         ref = torch_logits(model, ids)
         got, past = runner.forward(ids[:, :8], np.ones((1, 8), np.int64), None)
         per_step = [got]
-        for t in range(8, 24):
+        for t in range(8, ids.shape[1]):
             step, past = runner.forward(ids[:, t : t + 1], np.ones((1, t + 1), np.int64), past)
             per_step.append(step)
         report.checks.append(
@@ -114,7 +117,7 @@ def verify_llama(
                 "kv_cache",
                 ref,
                 np.concatenate(per_step, axis=1),
-                "prefill 8 then 16 one-token decode steps vs the full forward",
+                f"prefill 8 then {ids.shape[1] - 8} one-token decode steps vs the full forward",
             )
         )
 
@@ -135,7 +138,7 @@ def verify_llama(
         Check("greedy", greedy_ok, greedy_metrics, f"prompt of 8 random ids, {steps} greedy tokens")
     )
 
-    rows = [random_ids(rng, vocab, 1, n)[0] for n in (11, 5)]
+    rows = [random_ids(rng, vocab, 1, length * n)[0] for length in (11, 5)]
     ids, mask = left_pad(rows)
     batched = runner.logits(ids, mask)
     alone = [torch_logits(model, r[None]) for r in rows]
@@ -143,7 +146,7 @@ def verify_llama(
     ref = np.concatenate([a[0] for a in alone])
     got = np.concatenate([batched[i, width - len(r) :] for i, r in enumerate(rows)])
     pad_check = logits_check(
-        "left_padding", ref, got, "batch of prompts of 11 and 5 ids, left-padded"
+        "left_padding", ref, got, f"batch of prompts of {11 * n} and {5 * n} ids, left-padded"
     )
     n_gen = min(8, steps)
     batch_tokens = runner.generate(ids, n_gen, attention_mask=mask, eos_token_id=[])
