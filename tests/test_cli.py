@@ -142,3 +142,26 @@ def test_inspect(tiny_folder: Path) -> None:
     code, out, _ = run("inspect", str(tiny_folder / "model.onnx"))
     assert code == 0
     assert "input_ids: int64[batch, sequence]" in out and "MatMul" in out
+
+
+def test_tokenizer_copied_and_used(tmp_path: Path) -> None:
+    """With a tokenizer.json in the source, convert copies it and generate speaks text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "src"
+    config = small_config()
+    write_hf_folder(src, config)
+    vocab = {f"w{i}": i for i in range(config.vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
+    out = tmp_path / "out"
+    assert run("convert", str(src), "-o", str(out))[0] == 0
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    code, text, err = run("generate", str(out), "--prompt", "w5 w6 w7", "--max-new-tokens", "6")
+    assert code == 0, err
+    words = text.split()
+    assert len(words) == 6 and all(w.startswith("w") for w in words)
+    code, ids_text, _ = run("generate", str(out), "--ids", "5,6,7", "--max-new-tokens", "6")
+    assert ids_text.split() == words  # same prompt, same greedy tokens, decoded

@@ -1,0 +1,67 @@
+"""`optimize`: clean up, fuse, clean up again — ONNX in, ONNX out, with a report of what fused.
+
+The fused ops are opset 23, so a graph below it is converted to 23 before fusing, whether
+anything fuses or not (onnxscript's version converter; onnx's own for graphs below opset 18).
+Refusals come from a second, tracing pass of each fusion after it was applied: what still
+matches there is exactly what `check()` turned down.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+from onnxscript import version_converter
+from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRule, pattern
+
+from ..errors import LmexportError
+from . import rms_norm, skip_rms_norm
+from .report import Fusion, Report
+
+OPSET = 23
+
+FUSIONS: dict[str, list[tuple[str, pattern.RewriteRuleSet]]] = {
+    "onnx": [("rms_norm", rms_norm.rules)],
+    "ort": [("rms_norm", rms_norm.rules), ("skip_rms_norm", skip_rms_norm.rules)],
+}
+
+
+def optimize_model(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, Report]:
+    """The fused graph for `target` (`ort` or `onnx`) and the report; `model` is left as it is."""
+    if target not in FUSIONS:
+        raise LmexportError(f"unknown optimize target {target!r} (choose from ort, onnx)")
+    graph = ir.serde.deserialize_model(model)
+    nodes_before = len(graph.graph)
+    onnxscript.optimizer.optimize(graph)
+    if graph.opset_imports.get("", OPSET) < OPSET:
+        version_converter.convert_version(graph, OPSET, fallback=True)
+    fusions = [_fuse(name, rules, graph) for name, rules in FUSIONS[target]]
+    onnxscript.optimizer.optimize(graph)
+    return ir.serde.serialize_model(graph), Report(fusions, nodes_before, len(graph.graph))
+
+
+def _fuse(name: str, rules: pattern.RewriteRuleSet, graph: ir.Model) -> Fusion:
+    applied = rules.apply_to_model(graph)
+    refusals = _Refusals()
+    rules.apply_to_model(graph, tracer=refusals)  # with a tracer the rewriter changes nothing
+    return Fusion(name, applied, list(refusals.reasons))
+
+
+class _Refusals(MatchingTracer):
+    """Records each match that `check()` or `rewrite()` turned down, with the reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # An ordered set: the commuted variants of a rule report the same refusal again.
+        self.reasons: dict[str, None] = {}
+
+    def log(
+        self,
+        rule: RewriteRule,
+        container: ir.Graph | ir.Function,
+        node: ir.Node,
+        match_result: MatchResult,
+        status: MatchStatus,
+    ) -> None:
+        if status in (MatchStatus.CONDITION_FAILED, MatchStatus.REPLACEMENT_FAILED):
+            self.reasons[f"{node.name or node.op_type}: {match_result.reason}"] = None

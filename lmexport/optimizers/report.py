@@ -1,0 +1,31 @@
+"""What `optimize` did: per fusion the matches applied and the matches refused, with reasons."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Fusion:
+    name: str
+    applied: int
+    refused: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    fusions: list[Fusion]
+    nodes_before: int
+    nodes_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        width = max((len(f.name) for f in self.fusions), default=0)
+        rows = [f"nodes {self.nodes_before} → {self.nodes_after}"]
+        for f in self.fusions:
+            rows.append(f"  {f.name:<{width}}  applied {f.applied}  refused {len(f.refused)}")
+            rows.extend(f"  {'':<{width}}    refused: {reason}" for reason in f.refused)
+        return "\n".join(rows)
