@@ -27,6 +27,13 @@ def convert(source: str, outdir: str | Path, **options: Any) -> Path:
     return _convert(source, outdir, **options)
 
 
+def optimize(source: str | Path, output: str | Path, target: str = "ort", **options: Any) -> Any:
+    """Fuse a foreign or plain ONNX graph; see `lmexport.optimizers.optimize_file`."""
+    from .optimizers import optimize_file
+
+    return optimize_file(Path(source), Path(output), target, **options)
+
+
 def verify(folder: str | Path, **options: Any) -> Report:
     """Parity of an output folder against its PyTorch source; see `lmexport.verify.verify`."""
     from .verify import run_verify
@@ -34,4 +41,4 @@ def verify(folder: str | Path, **options: Any) -> Report:
     return run_verify(folder, **options)
 
 
-__all__ = ["LmexportError", "__version__", "convert", "verify"]
+__all__ = ["LmexportError", "__version__", "convert", "optimize", "verify"]

@@ -73,6 +73,28 @@ def convert(
 
 
 @cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True)
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
+@click.option("--no-check", is_flag=True, help="Skip the before/after parity run (huge graphs).")
+@click.option("-v", "--verbose", is_flag=True, help="List refused matches and why.")
+def optimize(
+    source: Path, output: Path, target: str, report_path: Path | None, no_check: bool, verbose: bool
+) -> None:
+    """Fuse RMSNorm (and residual + RMSNorm for ort) in SOURCE, an ONNX file, into OUTPUT."""
+    import json
+
+    from .optimizers import optimize_file
+
+    report = optimize_file(source, output, target, check=not no_check)
+    click.echo(report.table(verbose))
+    if report_path is not None:
+        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option(
     "--source", default=None, help="PyTorch source to compare with (default: lmexport.json's)."

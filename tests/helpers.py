@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from lmexport.cli import cli
 from lmexport.models.llama import Llama, LlamaConfig, init_random
 
 SMALL = LlamaConfig(
@@ -83,3 +85,16 @@ def write_hf_folder(
         for v in model.state_dict().values():
             v.copy_(v.to(dtype).float())
     return model
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_bad_input(args: list[str], *words: str) -> None:
+    code, _, err = run(*args)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err

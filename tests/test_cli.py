@@ -9,25 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from lmexport.cli import cli
-
-from helpers import small_config, write_hf_folder
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_bad_input(args: list[str], *words: str) -> None:
-    code, _, err = run(*args)
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
+from helpers import assert_bad_input, run, small_config, write_hf_folder
 
 
 def assert_nothing_written(parent: Path) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .command import optimize_file
 from .pipeline import optimize_model
 from .report import Fusion, Report
 
-__all__ = ["Fusion", "Report", "optimize_model"]
+__all__ = ["Fusion", "Report", "optimize_file", "optimize_model"]

@@ -1,0 +1,136 @@
+"""`lmexport optimize IN.onnx -o OUT.onnx`: load, fuse, prove the result computes the same, write.
+
+The proof runs both graphs in onnxruntime on generated inputs of the graph's own shapes; a
+result that differs is never written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import LmexportError
+from .pipeline import optimize_model
+from .report import Report
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths (0)
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise LmexportError(f"{path}: no such file")
+    try:
+        return onnx.load(str(path))
+    except FileNotFoundError as e:
+        raise LmexportError(
+            f"{path}: external data file missing ({Path(str(e.filename)).name})"
+        ) from None
+    except onnx.checker.ValidationError as e:  # onnx's word for unreadable external data
+        raise LmexportError(f"{path}: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # protobuf raises DecodeError and friends for anything not ONNX
+        raise LmexportError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+
+
+def _generated_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Inputs a decoder-like graph accepts: ids inside the vocabulary, masks of ones, and past
+    tensors of length 0 so that `total = past + sequence` holds whatever the graph calls them."""
+    rng = np.random.default_rng(0)
+    initializers = {t.name: t for t in model.graph.initializer}
+    vocab = {
+        n.input[1]: initializers[n.input[0]].dims[0]
+        for n in model.graph.node
+        if n.op_type == "Gather" and n.input[0] in initializers
+    }
+    past_only = {
+        d.dim_param
+        for i in model.graph.input
+        if "past" in i.name
+        for d in i.type.tensor_type.shape.dim
+        if d.dim_param
+    }
+    for i in model.graph.input:
+        if "past" not in i.name:
+            past_only -= {d.dim_param for d in i.type.tensor_type.shape.dim}
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in initializers:
+            continue
+        t = i.type.tensor_type
+        shape = [
+            d.dim_value if d.dim_value else (0 if d.dim_param in past_only else CHECK_DIM)
+            for d in t.shape.dim
+        ]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            high = vocab.get(i.name, 2)
+            data = np.ones(shape) if "mask" in i.name else rng.integers(0, high, size=shape)
+            feeds[i.name] = data.astype(dtype)
+        else:
+            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
+    """Largest output difference between the graphs, relative to the output's scale."""
+    feeds = _generated_inputs(before)
+    try:
+        expected = _run(before, feeds)
+    except Exception as e:  # onnxruntime's own exception types are not importable stably
+        raise LmexportError(
+            f"cannot run the input graph on generated inputs ({str(e).splitlines()[0][:200]}); "
+            "use --no-check to skip the parity check"
+        ) from None
+    got = _run(after, feeds)
+    worst = 0.0
+    for ref, out in zip(expected, got, strict=True):
+        scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+        worst = max(worst, float(np.abs(ref.astype(np.float64) - out).max(initial=0.0)) / scale)
+    return worst
+
+
+def optimize_file(
+    source: Path, output: Path, target: str, check: bool = True, tolerance: float = 1e-4
+) -> Report:
+    model = load_onnx(source)
+    fused, report = optimize_model(model, target)
+    if check and report.applied:
+        worst = check_same(model, fused)
+        if worst > tolerance:
+            raise LmexportError(
+                f"the optimized graph differs from the input by {worst:.3g} (> {tolerance:g}); "
+                "nothing written"
+            )
+        report.max_diff = worst
+    _save(fused, output)
+    return report
+
+
+def _save(model: onnx.ModelProto, output: Path) -> None:
+    parent = output.absolute().parent
+    if not parent.is_dir():
+        raise LmexportError(f"{parent}: folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        size = sum(len(t.raw_data) for t in model.graph.initializer)
+        if size > EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(model, tmp, save_as_external_data=True, location=output.name + ".data")
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
