@@ -15,11 +15,9 @@ from typing import Any
 import onnx
 
 from ..errors import OutputError
-
-FORMAT_VERSION = 1
-MANIFEST = "lmexport.json"
-MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+from ..onnx_files import save_onnx
+from ..runtime.manifest import MANIFEST, MODEL_FILE
+from ..runtime.manifest import SUPPORTED_FORMAT as FORMAT_VERSION
 
 
 @contextlib.contextmanager
@@ -49,17 +47,7 @@ def staged_folder(outdir: Path, force: bool) -> Iterator[Path]:
 
 
 def save_model(model: onnx.ModelProto, folder: Path) -> None:
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            model,
-            folder / MODEL_FILE,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=MODEL_FILE + ".data",
-        )
-    else:
-        onnx.save_model(model, folder / MODEL_FILE)
+    save_onnx(model, folder / MODEL_FILE, MODEL_FILE + ".data")
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

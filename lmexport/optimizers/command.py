@@ -15,26 +15,11 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import LmexportError
+from ..onnx_files import load_onnx, save_onnx
 from .pipeline import optimize_model
 from .report import Report
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths (0)
-
-
-def load_onnx(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise LmexportError(f"{path}: no such file")
-    try:
-        return onnx.load(str(path))
-    except FileNotFoundError as e:
-        raise LmexportError(
-            f"{path}: external data file missing ({Path(str(e.filename)).name})"
-        ) from None
-    except onnx.checker.ValidationError as e:  # onnx's word for unreadable external data
-        raise LmexportError(f"{path}: {str(e).splitlines()[0][:300]}") from None
-    except Exception as e:  # protobuf raises DecodeError and friends for anything not ONNX
-        raise LmexportError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
 
 
 def _generated_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -119,17 +104,14 @@ def optimize_file(
 
 
 def _save(model: onnx.ModelProto, output: Path) -> None:
+    """Through a temporary file beside `output`, so a failure leaves no partial file."""
     parent = output.absolute().parent
     if not parent.is_dir():
         raise LmexportError(f"{parent}: folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
-        size = sum(len(t.raw_data) for t in model.graph.initializer)
-        if size > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(model, tmp, save_as_external_data=True, location=output.name + ".data")
-        else:
-            onnx.save_model(model, tmp)
+        save_onnx(model, Path(tmp), output.name + ".data")
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
