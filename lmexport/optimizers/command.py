@@ -78,7 +78,13 @@ def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
             f"cannot run the input graph on generated inputs ({str(e).splitlines()[0][:200]}); "
             "use --no-check to skip the parity check"
         ) from None
-    got = _run(after, feeds)
+    try:
+        got = _run(after, feeds)
+    except Exception as e:  # a fusion onnxruntime refuses: report it, write nothing
+        raise LmexportError(
+            f"the optimized graph fails in onnxruntime ({str(e).splitlines()[0][:200]}); "
+            "nothing written"
+        ) from None
     worst = 0.0
     for ref, out in zip(expected, got, strict=True):
         scale = max(1.0, float(np.abs(ref).max(initial=0.0)))

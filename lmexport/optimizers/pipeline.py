@@ -15,33 +15,49 @@ from onnxscript import version_converter
 from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRule, pattern
 
 from ..errors import LmexportError
-from . import rms_norm, skip_rms_norm
+from . import attention, gqa, rms_norm, rotary, skip_rms_norm
 from .report import Fusion, Report
 
 OPSET = 23
-
-FUSIONS: dict[str, list[tuple[str, pattern.RewriteRuleSet]]] = {
-    "onnx": [("rms_norm", rms_norm.rules)],
-    "ort": [("rms_norm", rms_norm.rules), ("skip_rms_norm", skip_rms_norm.rules)],
-}
+TARGETS = ("ort", "onnx")
+MAX_POSITIONS = 8192  # rows of the rotary cos/sin caches when the graph computes its angles
 
 
-def optimize_model(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, Report]:
+def fusions(target: str, max_positions: int) -> list[tuple[str, pattern.RewriteRuleSet]]:
+    """The fusions for `target`, in the order they must run; fresh rules for every model."""
+    steps = [
+        ("rms_norm", rms_norm.rules),
+        ("rotary", rotary.make_rules(target, max_positions)),
+        ("attention", attention.rules),
+    ]
+    if target == "ort":
+        steps += [("group_query_attention", gqa.rules), ("skip_rms_norm", skip_rms_norm.rules)]
+    return steps
+
+
+def optimize_model(
+    model: onnx.ModelProto, target: str, max_positions: int = MAX_POSITIONS
+) -> tuple[onnx.ModelProto, Report]:
     """The fused graph for `target` (`ort` or `onnx`) and the report; `model` is left as it is."""
-    if target not in FUSIONS:
+    if target not in TARGETS:
         raise LmexportError(f"unknown optimize target {target!r} (choose from ort, onnx)")
     graph = ir.serde.deserialize_model(model)
     nodes_before = len(graph.graph)
     onnxscript.optimizer.optimize(graph)
     if graph.opset_imports.get("", OPSET) < OPSET:
         version_converter.convert_version(graph, OPSET, fallback=True)
-    fusions = [_fuse(name, rules, graph) for name, rules in FUSIONS[target]]
+    done = [_fuse(name, rules, graph) for name, rules in fusions(target, max_positions)]
     onnxscript.optimizer.optimize(graph)
-    return ir.serde.serialize_model(graph), Report(fusions, nodes_before, len(graph.graph))
+    return ir.serde.serialize_model(graph), Report(done, nodes_before, len(graph.graph))
 
 
 def _fuse(name: str, rules: pattern.RewriteRuleSet, graph: ir.Model) -> Fusion:
     applied = rules.apply_to_model(graph)
+    # Rules that keep matched nodes (their intermediates feed shape computations) leave them
+    # dead, and rules that build the same helper values per layer leave twins: the next fusion
+    # must see neither as a difference between layers or as other uses of what it matches.
+    ir.passes.common.RemoveUnusedNodesPass()(graph)
+    ir.passes.common.CommonSubexpressionEliminationPass()(graph)
     refusals = _Refusals()
     rules.apply_to_model(graph, tracer=refusals)  # with a tracer the rewriter changes nothing
     return Fusion(name, applied, list(refusals.reasons))

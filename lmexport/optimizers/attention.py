@@ -1,0 +1,149 @@
+"""Grouped scaled-dot-product attention → one ONNX opset 23 `Attention` op.
+
+Matched on 4-D tensors [batch, heads, sequence, head_dim] (Add and Mul in either order):
+
+    K', V' = K, V repeated per query group: Reshape(Expand(Unsqueeze(K, 2))), or K itself (MHA)
+    scores = MatMul(Q, Transpose(K')) · scale          (eager exports)
+           | MatMul(Q · a, Reshape(Transpose(Reshape(K'))) · b)   (decomposed SDPA, scale a·b)
+    masked = Where(masked_out, very negative, scores) | scores + additive bias
+    probs  = Softmax(masked, last axis), optionally with SDPA's NaN guard
+    out    = MatMul(probs, V')
+
+`Attention(Q, K, V, mask, scale)` takes the K/V of the kv heads directly, so the repeat (Expand,
+Reshape) disappears with the match. Past K/V concatenation stays in front of it: its outputs are
+the graph's `present` tensors. The mask is passed as the graph built it, boolean (True = attend)
+or additive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, pattern
+
+VERY_NEGATIVE = -1e4  # a masked-out score at or below this is a mask, not a value
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None or value.const_value.size != 1:
+        return None
+    return float(value.const_value.numpy().reshape(-1)[0])
+
+
+def _repeated(op, kv, name: str):
+    """K or V, optionally repeated to the query heads as transformers' repeat_kv does."""
+    expanded = op.Expand(
+        op.Unsqueeze(kv, _allow_other_inputs=True, _outputs=[f"{name}_unsq"]),
+        _allow_other_inputs=True,
+    )
+    repeated = op.Reshape(expanded, _allow_other_inputs=True)
+    return pattern.OrValue([repeated, kv], tag_var=f"{name}_repeat", tag_values=[True, False])
+
+
+class AttentionFusion(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, scores: str, masking: str, nan_guard: bool) -> None:
+        # Decomposed SDPA reads K's shape for its reshapes: the matched nodes are left for the
+        # cleanup that follows to remove once nothing uses them.
+        super().__init__(name, remove_nodes=False)
+        self.scores, self.masking, self.nan_guard = scores, masking, nan_guard
+
+    def pattern(self, op, q, k, v, scale, mask, fill, q_scale, k_scale):
+        k_rep = _repeated(op, k, "k")
+        v_rep = _repeated(op, v, "v")
+        if self.scores == "eager":
+            scores = op.Mul(op.MatMul(q, op.Transpose(k_rep, perm=[0, 1, 3, 2])), scale)
+        else:
+            flat = op.Reshape(k_rep, _allow_other_inputs=True)
+            k_t = op.Reshape(op.Transpose(flat, perm=[0, 2, 1]), _allow_other_inputs=True)
+            scores = op.MatMul(op.Mul(q, q_scale), op.Mul(k_t, k_scale))
+        masked = op.Where(mask, fill, scores) if self.masking == "where" else op.Add(scores, mask)
+        probs = op.Softmax(masked, _outputs=["probs"])
+        if self.nan_guard:
+            probs = op.Where(op.IsNaN(probs), fill, probs)
+        return op.MatMul(probs, v_rep)
+
+    def check(  # type: ignore[override]  # the rewriter passes the bindings by name
+        self,
+        context: object,
+        q: ir.Value,
+        k: ir.Value,
+        v: ir.Value,
+        mask: ir.Value,
+        probs: ir.Value,
+        **bound: object,
+    ) -> MatchResult:
+        result = MatchResult()
+        for name, value in (("Q", q), ("K", k), ("V", v)):
+            if value.shape is None or value.shape.rank() != 4:
+                return result.fail(f"{name} is not [batch, heads, sequence, head_dim]", value)
+        assert q.shape is not None and k.shape is not None
+        heads, kv_heads = q.shape[1], k.shape[1]
+        if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
+            return result.fail(f"{heads} query heads do not split into {kv_heads} kv groups", k)
+        for name in ("k", "v"):
+            if bound.get(f"{name}_repeat") and not _repeats_interleaved(bound[f"{name}_unsq"]):
+                return result.fail(f"{name.upper()} is repeated on another axis than 2", k)
+            if not bound.get(f"{name}_repeat") and heads != kv_heads:
+                return result.fail(f"{name.upper()} has {kv_heads} heads, Q {heads}, no repeat", k)
+        softmax = probs.producer()
+        assert softmax is not None
+        if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+            return result.fail("Softmax is not over the key axis", probs)
+        if self._scale(bound) is None:
+            return result.fail("the score scale is not a constant scalar")
+        if self.masking == "where":
+            fill = _scalar(bound.get("fill"))  # type: ignore[arg-type]
+            if fill is None or fill > VERY_NEGATIVE:
+                return result.fail(f"Where fills {fill}, not a masking value", mask)
+            if mask.dtype != ir.DataType.BOOL:
+                return result.fail("Where condition is not boolean", mask)
+        elif mask.dtype != q.dtype:
+            return result.fail(f"additive mask is {mask.dtype}, scores are {q.dtype}", mask)
+        if self.nan_guard and _scalar(bound.get("fill")) != 0.0:  # type: ignore[arg-type]
+            return result.fail("the NaN guard does not replace NaN by 0")
+        if mask.shape is None or mask.shape.rank() != 4 or mask.shape[2] != q.shape[2]:
+            # onnxruntime's Attention does not broadcast the mask's query axis.
+            return result.fail(f"mask shape {mask.shape} does not spell out the query axis", mask)
+        return result
+
+    def _scale(self, bound: dict[str, object]) -> float | None:
+        if self.scores == "eager":
+            return _scalar(bound.get("scale"))  # type: ignore[arg-type]
+        a = _scalar(bound.get("q_scale"))  # type: ignore[arg-type]
+        b = _scalar(bound.get("k_scale"))  # type: ignore[arg-type]
+        return None if a is None or b is None else a * b
+
+    def rewrite(self, op, q, k, v, mask, **bound):
+        if self.masking == "where":
+            # Where(masked_out, fill, scores): Attention wants True where a key may be seen.
+            producer = mask.producer()
+            if producer is not None and producer.op_type == "Not" and producer.domain == "":
+                mask = producer.inputs[0]
+            else:
+                mask = op.Not(mask)
+        return op.Attention(q, k, v, mask, scale=self._scale(bound))
+
+
+def _repeats_interleaved(unsqueezed: object) -> bool:
+    """repeat_kv inserts the group axis right after the kv-heads axis (axis 2)."""
+    assert isinstance(unsqueezed, ir.Value)
+    node = unsqueezed.producer()
+    if node is None or len(node.inputs) < 2:
+        return False
+    axes = node.inputs[1]
+    if axes is None or axes.const_value is None:
+        return False
+    return np.asarray(axes.const_value.numpy()).reshape(-1).tolist() in ([2], [-3])
+
+
+rules = pattern.RewriteRuleSet(
+    [
+        AttentionFusion.rule(
+            f"Attention[{scores},{masking}{',nan' if nan else ''}]", scores, masking, nan
+        )
+        for scores in ("eager", "sdpa")
+        for masking in ("where", "add")
+        for nan in (False, True)
+    ],
+    commute=True,
+)

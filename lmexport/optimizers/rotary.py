@@ -1,0 +1,206 @@
+"""Rotate-half rotary embedding → one RotaryEmbedding op with a precomputed cos/sin cache.
+
+Matched (Add and Mul in either order), on x of shape [batch, heads, sequence, head_dim]:
+
+    x1, x2 = Split(x, 2, last axis) | Slice(x, :d/2), Slice(x, d/2:)
+    out = x * cos + Concat(-x2, x1) * sin
+
+where cos/sin are Unsqueeze(Cos(E)) / Unsqueeze(Sin(E)) of the same angles E, and E is either
+Concat(F, F) with F = float(positions) · inv_freq (a constant), or a Gather of constant cos/sin
+tables by positions. `check()` traces cos and sin back to the positions and the frequencies;
+`rewrite()` emits `RotaryEmbedding` (opset 23 for `onnx`, `com.microsoft` for `ort`) with a cache
+of `max_positions` rows computed exactly as the graph did (float32 angles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, pattern
+
+
+@dataclass
+class Angles:
+    """Where a rotary's cos/sin come from: integer positions and a constant cos/sin cache."""
+
+    positions: ir.Value
+    cos_cache: np.ndarray  # [max_positions, head_dim / 2], float32
+    sin_cache: np.ndarray
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain == "" else None
+
+
+def _strip_unsqueeze(value: ir.Value) -> ir.Value:
+    node = _producer(value, "Unsqueeze")
+    return node.inputs[0] if node is not None and node.inputs[0] is not None else value
+
+
+def trace_angles(cos: ir.Value, sin: ir.Value, head_dim: int, max_positions: int) -> Angles | str:
+    """The positions and cache behind a rotary's cos/sin, or the reason they cannot be used."""
+    cos_node = _producer(_strip_unsqueeze(cos), "Cos")
+    sin_node = _producer(_strip_unsqueeze(sin), "Sin")
+    if cos_node is None or sin_node is None:
+        return _trace_tables(cos, sin, head_dim)
+    angles = cos_node.inputs[0]
+    if angles is not sin_node.inputs[0]:
+        return "cos and sin are computed from different angles"
+    concat = _producer(angles, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+        return "angles are not Concat(freqs, freqs) (duplicated halves, rotate-half form)"
+    mul = _producer(concat.inputs[0], "Mul")
+    if mul is None:
+        return "frequencies are not positions · inv_freq"
+    inv_freq = next((c for c in map(_const, mul.inputs) if c is not None), None)
+    other = next((v for v in mul.inputs if _const(v) is None), None)
+    if inv_freq is None or other is None:
+        return "inv_freq is not a constant"
+    inv_freq = inv_freq.astype(np.float32).reshape(-1)
+    if inv_freq.size * 2 != head_dim:
+        return f"inv_freq has {inv_freq.size} entries, head_dim {head_dim} needs {head_dim // 2}"
+    cast = _producer(other, "Cast")
+    source = cast.inputs[0] if cast is not None else None
+    positions = _strip_unsqueeze(source) if source is not None else None
+    if positions is None or positions.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        return "positions are not an integer tensor cast to float"
+    table = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return Angles(positions, np.cos(table), np.sin(table))
+
+
+def _trace_tables(cos: ir.Value, sin: ir.Value, head_dim: int) -> Angles | str:
+    """cos/sin gathered from constant [max_positions, head_dim] tables by positions."""
+    cos_gather = _producer(_strip_unsqueeze(cos), "Gather")
+    sin_gather = _producer(_strip_unsqueeze(sin), "Gather")
+    if cos_gather is None or sin_gather is None:
+        return "cos/sin are neither Cos/Sin of angles nor gathered from constant tables"
+    cos_table, sin_table = _const(cos_gather.inputs[0]), _const(sin_gather.inputs[0])
+    positions = cos_gather.inputs[1]
+    if cos_table is None or sin_table is None or positions is not sin_gather.inputs[1]:
+        return "cos/sin tables are not constants gathered by the same positions"
+    if cos_table.ndim != 2 or cos_table.shape[1] != head_dim or sin_table.shape != cos_table.shape:
+        return f"cos/sin tables of shape {list(cos_table.shape)} do not fit head_dim {head_dim}"
+    half = head_dim // 2
+    if not (
+        np.array_equal(cos_table[:, :half], cos_table[:, half:])
+        and np.array_equal(sin_table[:, :half], sin_table[:, half:])
+    ):
+        return "cos/sin tables do not repeat their halves (not the rotate-half form)"
+    assert positions is not None
+    return Angles(positions, cos_table[:, :half].astype(np.float32), sin_table[:, :half])
+
+
+class RotaryFusion(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, target: str, max_positions: int, halves: str) -> None:
+        super().__init__(name)
+        self.target = target
+        self.max_positions = max_positions
+        self.halves = halves
+        # One cache initializer per distinct set of frequencies, shared by every layer.
+        self._caches: dict[bytes, tuple[ir.Value, ir.Value]] = {}
+
+    def pattern(self, op, x, cos, sin):
+        if self.halves == "split":
+            x1, x2 = op.Split(x, _allow_other_inputs=True, _outputs=2)
+        else:
+            x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
+            x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
+        rotated = op.Concat(op.Neg(x2), x1, axis=-1)
+        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
+    def check(  # type: ignore[override]  # the rewriter passes the bindings by name
+        self, context: object, x: ir.Value, cos: ir.Value, sin: ir.Value, **bound: ir.Value
+    ) -> MatchResult:
+        result = MatchResult()
+        if x.shape is None or x.shape.rank() != 4 or not isinstance(x.shape[3], int):
+            return result.fail(f"x shape {x.shape} is not [batch, heads, sequence, head_dim]", x)
+        head_dim = x.shape[3]
+        if self.halves == "slice" and not _slices_halves(bound["x1"], bound["x2"], head_dim):
+            return result.fail("the two Slices are not the first and second half of head_dim")
+        if self.halves == "split" and not _splits_halves(x, head_dim):
+            return result.fail("the Split is not into two equal halves of the last axis")
+        angles = trace_angles(cos, sin, head_dim, self.max_positions)
+        if isinstance(angles, str):
+            return result.fail(angles, cos)
+        if angles.positions.shape is None or angles.positions.shape.rank() not in (1, 2):
+            return result.fail(f"positions shape {angles.positions.shape} is not [seq] or [b, seq]")
+        if angles.cos_cache.shape[0] < 2:
+            return result.fail("cos/sin cache has fewer than 2 positions")
+        return result
+
+    def rewrite(self, op, x, cos, sin, **_):
+        angles = trace_angles(cos, sin, x.shape[3], self.max_positions)
+        assert not isinstance(angles, str)
+        dtype = x.dtype.numpy()
+        key = angles.cos_cache.astype(dtype).tobytes() + angles.sin_cache.astype(dtype).tobytes()
+        if key not in self._caches:
+            n = len(self._caches)
+            self._caches[key] = (
+                op.initializer(ir.tensor(angles.cos_cache.astype(dtype)), name=f"rotary_cos_{n}"),
+                op.initializer(ir.tensor(angles.sin_cache.astype(dtype)), name=f"rotary_sin_{n}"),
+            )
+        cos_cache, sin_cache = self._caches[key]
+        positions = angles.positions
+        if positions.dtype != ir.DataType.INT64:
+            positions = op.Cast(positions, to=ir.DataType.INT64.value)
+        if positions.shape is None or positions.shape.rank() == 1:  # [seq] → [batch, seq]
+            shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(positions), axis=0)
+            positions = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[0])), shape)
+        if self.target == "onnx":
+            return op.RotaryEmbedding(x, cos_cache, sin_cache, positions, interleaved=0)
+        return op.RotaryEmbedding(
+            x, positions, cos_cache, sin_cache, interleaved=0, _domain="com.microsoft"
+        )
+
+
+def _int_list(value: ir.Value | None) -> list[int] | None:
+    array = _const(value)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
+
+
+def _slices_halves(x1: ir.Value, x2: ir.Value, head_dim: int) -> bool:
+    def bounds(value: ir.Value) -> tuple[int, int] | None:
+        node = value.producer()
+        if node is None:
+            return None
+        inputs = [*node.inputs, None, None][:5]
+        starts, ends, axes, steps = (_int_list(v) for v in inputs[1:5])
+        if starts is None or ends is None or len(starts) != 1:
+            return None
+        if (axes or [-1])[0] not in (-1, 3) or (steps or [1])[0] != 1:
+            return None
+        return starts[0], min(ends[0], head_dim)
+
+    half = head_dim // 2
+    return bounds(x1) == (0, half) and bounds(x2) == (half, head_dim)
+
+
+def _splits_halves(x: ir.Value, head_dim: int) -> bool:
+    node = next(
+        (u for u, _ in x.uses() if u.op_type == "Split" and u.domain == ""),
+        None,
+    )
+    if node is None or node.attributes.get_int("axis", 0) not in (-1, 3):
+        return False
+    sizes = _int_list(node.inputs[1]) if len(node.inputs) > 1 else None
+    return sizes is None or sizes == [head_dim // 2, head_dim // 2]
+
+
+def make_rules(target: str, max_positions: int) -> pattern.RewriteRuleSet:
+    """Fresh rules for one model: they keep the cache initializers they created."""
+    return pattern.RewriteRuleSet(
+        [
+            RotaryFusion.rule("RotaryEmbedding", target, max_positions, halves)
+            for halves in ("split", "slice")
+        ],
+        commute=True,
+    )
