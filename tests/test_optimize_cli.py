@@ -29,7 +29,15 @@ def test_optimize_plain_export(plain_model: Path, tmp_path: Path) -> None:
     assert "rms_norm" in text and "parity before/after" in text
     report = json.loads((tmp_path / "r.json").read_text())
     applied = {f["name"]: f["applied"] for f in report["fusions"]}
-    assert applied == {"rms_norm": 9, "skip_rms_norm": 8}
+    assert applied == {
+        "rms_norm": 9,
+        "rotary": 8,
+        "attention": 4,
+        "group_query_attention": 4,
+        "qkv_packing": 4,
+        "skip_rms_norm": 8,
+        "silu": 4,
+    }
     assert report["max_diff"] <= 1e-4
     assert report["nodes_after"] < report["nodes_before"]
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]

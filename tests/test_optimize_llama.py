@@ -31,6 +31,17 @@ def plain_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def ort_node_counts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """What `convert --target ort` makes of the same model: the bar for `optimize`."""
+    root = tmp_path_factory.mktemp("ort")
+    counts = {}
+    for cache, kv in (("kv", True), ("no_kv", False)):
+        folder = lmexport.convert("llama-tiny", root / cache, target="ort", kv_cache=kv)
+        counts[cache] = len(onnx.load(str(folder / "model.onnx")).graph.node)
+    return counts
+
+
 def ops(model: onnx.ModelProto) -> Counter[str]:
     return Counter(n.op_type for n in model.graph.node)
 
@@ -44,10 +55,13 @@ def optimized_folder(folder: Path, target: str, dest: Path) -> tuple[Path, onnx.
 
 
 @pytest.mark.parametrize("cache", ["kv", "no_kv"])
-def test_plain_export_to_ort(plain_folders: dict[str, Path], cache: str, tmp_path: Path) -> None:
+def test_plain_export_to_ort(
+    plain_folders: dict[str, Path], ort_node_counts: dict[str, int], cache: str, tmp_path: Path
+) -> None:
     folder, fused = optimized_folder(plain_folders[cache], "ort", tmp_path / "opt")
     counts = ops(fused)
     assert counts["GroupQueryAttention"] == LAYERS
+    assert len(fused.graph.node) <= 1.2 * ort_node_counts[cache]
     for op in ("Softmax", "Tile", "ReduceMean", "Pow"):
         assert counts[op] == 0, op
     producers = {o: n for n in fused.graph.node for o in n.output}

@@ -148,7 +148,7 @@ def test_reduce_mean_over_other_axis_is_refused() -> None:
     fused, report = optimize_model(model, "onnx")
     assert ops(fused)["RMSNormalization"] == 0
     assert ops(fused)["ReduceMean"] == 1
-    (fusion,) = report.fusions
+    fusion = next(f for f in report.fusions if f.name == "rms_norm")
     assert fusion.applied == 0
     assert any("not the last axis" in reason for reason in fusion.refused), fusion.refused
 
@@ -163,10 +163,8 @@ def test_skip_rms_norm_fuses_for_ort() -> None:
     model = make_model(nodes, ["a", "b"], ["normed", "residual"], TensorProto.FLOAT)
     fused, report = optimize_model(model, "ort")
     assert ops(fused) == {"SkipSimplifiedLayerNormalization": 1, "Add": 1}
-    assert [(f.name, f.applied) for f in report.fusions] == [
-        ("rms_norm", 1),
-        ("skip_rms_norm", 1),
-    ]
+    applied = {f.name: f.applied for f in report.fusions}
+    assert (applied["rms_norm"], applied["skip_rms_norm"]) == (1, 1)
     onnx.checker.check_model(fused, full_check=True)
     feeds = random_feeds(model, np.float32)
     assert max_diff(run(model, feeds), run(fused, feeds)) <= 1e-5

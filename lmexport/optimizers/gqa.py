@@ -39,6 +39,24 @@ def _rotary(op, x4, name: str):
     )
 
 
+def _slot_positions(positions: ir.Value | None, depth: int = 10) -> bool:
+    """Whether the positions are each token's cache slot up to a per-row offset: computed in
+    the graph from a Range (0, 1, 2, … after the past) or a CumSum of the attention mask (left
+    padding shifts a row by its pad count). Rotary is relative, so rotating at slot positions
+    then gives the same scores. Positions fed as a graph input may be anything: not folded."""
+    node = positions.producer() if positions is not None else None
+    if node is None or depth == 0:
+        return False
+    if node.op_type in ("Range", "CumSum"):
+        return True
+    data = (
+        node.inputs[0]
+        if node.op_type in ("Expand", "Unsqueeze", "Slice", "Clip", "Sub", "Cast", "Reshape")
+        else None
+    )
+    return _slot_positions(data, depth - 1)
+
+
 def _is_causal(mask: ir.Value, depth: int = 12) -> bool:
     """Whether a causal comparison takes part in building the mask (a bounded walk back)."""
     node = mask.producer()
@@ -126,12 +144,16 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         heads, kv_heads, head_dim = q_rot.shape[1], k_rot.shape[1], q_rot.shape[3]
         rot = q_rot.producer()
         positions, cos, sin = rot.inputs[1], rot.inputs[2], rot.inputs[3]
-        q = op.RotaryEmbedding(
-            q3, positions, cos, sin, num_heads=heads, interleaved=0, _domain="com.microsoft"
-        )
-        k = op.RotaryEmbedding(
-            k3, positions, cos, sin, num_heads=kv_heads, interleaved=0, _domain="com.microsoft"
-        )
+        fold = head_dim % 16 == 0 and _slot_positions(positions)
+        if fold:  # GroupQueryAttention rotates q and k itself, at cache-slot positions
+            q, k = q3, k3
+        else:
+            q = op.RotaryEmbedding(
+                q3, positions, cos, sin, num_heads=heads, interleaved=0, _domain="com.microsoft"
+            )
+            k = op.RotaryEmbedding(
+                k3, positions, cos, sin, num_heads=kv_heads, interleaved=0, _domain="com.microsoft"
+            )
         if mask.dtype == ir.DataType.BOOL:  # True = attend → additive 0 / lowest
             dtype = q3.dtype.numpy()
             zero, lowest = np.zeros((), dtype), np.array(np.finfo(dtype).min, dtype)
@@ -151,8 +173,9 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         )
         out3, present_key, present_value = op.GroupQueryAttention(
             q, k, v3, past_key, past_value, seqlens_k, total_length,
-            None, None, None, mask, None, None, None, None, None, query_lengths,
-            num_heads=heads, kv_num_heads=kv_heads, do_rotary=0,
+            cos if fold else None, sin if fold else None,
+            None, mask, None, None, None, None, None, query_lengths,
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(fold),
             scale=attention.producer().attributes.get_float("scale", head_dim**-0.5),
             _domain="com.microsoft", _outputs=3,
         )  # fmt: skip

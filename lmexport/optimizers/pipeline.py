@@ -15,7 +15,7 @@ from onnxscript import version_converter
 from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRule, pattern
 
 from ..errors import LmexportError
-from . import attention, gqa, rms_norm, rotary, skip_rms_norm
+from . import attention, gqa, qkv_pack, rms_norm, rotary, silu, skip_rms_norm
 from .report import Fusion, Report
 
 OPSET = 23
@@ -31,7 +31,12 @@ def fusions(target: str, max_positions: int) -> list[tuple[str, pattern.RewriteR
         ("attention", attention.rules),
     ]
     if target == "ort":
-        steps += [("group_query_attention", gqa.rules), ("skip_rms_norm", skip_rms_norm.rules)]
+        steps += [
+            ("group_query_attention", gqa.rules),
+            ("qkv_packing", qkv_pack.rules),
+            ("skip_rms_norm", skip_rms_norm.rules),
+            ("silu", silu.rules),
+        ]
     return steps
 
 
