@@ -82,7 +82,8 @@ def convert(
 def optimize(
     source: Path, output: Path, target: str, report_path: Path | None, no_check: bool, verbose: bool
 ) -> None:
-    """Fuse RMSNorm (and residual + RMSNorm for ort) in SOURCE, an ONNX file, into OUTPUT."""
+    """Fuse RMSNorm, rotary and grouped attention in SOURCE (an ONNX file, or a folder from
+    `convert --target plain`) and write OUTPUT (a file, or a new folder)."""
     import json
 
     from .optimizers import optimize_file

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytest
 import torch
 
 import lmexport
-from lmexport.optimizers import optimize_model
 
 transformers = pytest.importorskip("transformers")
 LAYERS = 4  # llama-tiny
@@ -47,11 +45,13 @@ def ops(model: onnx.ModelProto) -> Counter[str]:
 
 
 def optimized_folder(folder: Path, target: str, dest: Path) -> tuple[Path, onnx.ModelProto]:
-    """A copy of a converted folder whose model.onnx went through `optimize`."""
-    shutil.copytree(folder, dest)
-    fused, _ = optimize_model(onnx.load(str(folder / "model.onnx")), target)
-    onnx.save(fused, str(dest / "model.onnx"))
-    return dest, fused
+    """`lmexport optimize FOLDER -o DEST`: a converted folder with its graph fused."""
+    report = lmexport.optimize(folder, dest, target=target)
+    manifest = json.loads((dest / "lmexport.json").read_text())
+    assert manifest["target"] == target and manifest["opset"] == 23
+    assert manifest["passes"]["optimize"] == report.applied_by_fusion()
+    assert report.max_diff is not None and report.max_diff <= 1e-4
+    return dest, onnx.load(str(dest / "model.onnx"))
 
 
 @pytest.mark.parametrize("cache", ["kv", "no_kv"])

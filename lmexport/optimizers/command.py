@@ -95,7 +95,17 @@ def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
 def optimize_file(
     source: Path, output: Path, target: str, check: bool = True, tolerance: float = 1e-4
 ) -> Report:
-    model = load_onnx(source)
+    """SOURCE an ONNX file → OUTPUT file, or SOURCE a `convert` folder → OUTPUT folder."""
+    if source.is_dir():
+        return _optimize_folder(source, output, target, check, tolerance)
+    fused, report = _optimized(load_onnx(source), target, check, tolerance)
+    _save(fused, output)
+    return report
+
+
+def _optimized(
+    model: onnx.ModelProto, target: str, check: bool, tolerance: float
+) -> tuple[onnx.ModelProto, Report]:
     fused, report = optimize_model(model, target)
     if check and report.applied:
         worst = check_same(model, fused)
@@ -105,7 +115,29 @@ def optimize_file(
                 "nothing written"
             )
         report.max_diff = worst
-    _save(fused, output)
+    return fused, report
+
+
+def _optimize_folder(
+    source: Path, output: Path, target: str, check: bool, tolerance: float
+) -> Report:
+    """A copy of the folder with the fused graph and `lmexport.json` saying what fused."""
+    import shutil
+
+    from ..exporter.folder import save_model, staged_folder, write_manifest
+    from ..runtime.manifest import MANIFEST, MODEL_FILE, read_manifest
+
+    manifest = read_manifest(source)
+    fused, report = _optimized(load_onnx(source / MODEL_FILE), target, check, tolerance)
+    with staged_folder(output, force=False) as stage:
+        for item in source.iterdir():
+            if item.name not in (MANIFEST, MODEL_FILE, MODEL_FILE + ".data") and item.is_file():
+                shutil.copy2(item, stage / item.name)
+        save_model(fused, stage)
+        opset = next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx"))
+        passes = {**manifest.get("passes", {}), "optimize": report.applied_by_fusion()}
+        manifest.pop("format_version", None)
+        write_manifest(stage, {**manifest, "target": target, "opset": opset, "passes": passes})
     return report
 
 

@@ -24,6 +24,9 @@ class Report:
     def applied(self) -> int:
         return sum(f.applied for f in self.fusions)
 
+    def applied_by_fusion(self) -> dict[str, int]:
+        return {f.name: f.applied for f in self.fusions}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
