@@ -77,15 +77,28 @@ def trace_angles(cos: ir.Value, sin: ir.Value, head_dim: int, max_positions: int
     return Angles(positions, np.cos(table), np.sin(table))
 
 
+def _gathered(value: ir.Value) -> tuple[ir.Value | None, ir.Value | None]:
+    """(table, positions) of table[positions]: Gather on axis 0, or GatherND by positions[..., None]
+    (how torch exports indexing)."""
+    node = _producer(value, "Gather")
+    if node is not None and node.attributes.get_int("axis", 0) == 0:
+        return node.inputs[0], node.inputs[1]
+    node = _producer(value, "GatherND")
+    if node is not None and node.attributes.get_int("batch_dims", 0) == 0:
+        indices = _producer(node.inputs[1], "Unsqueeze")
+        if indices is not None and _int_list(indices.inputs[1]) in ([-1], [2]):
+            return node.inputs[0], indices.inputs[0]
+    return None, None
+
+
 def _trace_tables(cos: ir.Value, sin: ir.Value, head_dim: int) -> Angles | str:
     """cos/sin gathered from constant [max_positions, head_dim] tables by positions."""
-    cos_gather = _producer(_strip_unsqueeze(cos), "Gather")
-    sin_gather = _producer(_strip_unsqueeze(sin), "Gather")
-    if cos_gather is None or sin_gather is None:
+    cos_source, positions = _gathered(_strip_unsqueeze(cos))
+    sin_source, sin_positions = _gathered(_strip_unsqueeze(sin))
+    if positions is None or sin_positions is None:
         return "cos/sin are neither Cos/Sin of angles nor gathered from constant tables"
-    cos_table, sin_table = _const(cos_gather.inputs[0]), _const(sin_gather.inputs[0])
-    positions = cos_gather.inputs[1]
-    if cos_table is None or sin_table is None or positions is not sin_gather.inputs[1]:
+    cos_table, sin_table = _const(cos_source), _const(sin_source)
+    if cos_table is None or sin_table is None or positions is not sin_positions:
         return "cos/sin tables are not constants gathered by the same positions"
     if cos_table.ndim != 2 or cos_table.shape[1] != head_dim or sin_table.shape != cos_table.shape:
         return f"cos/sin tables of shape {list(cos_table.shape)} do not fit head_dim {head_dim}"
