@@ -134,3 +134,27 @@ def test_silu_becomes_quick_gelu_for_ort(tmp_path: Path) -> None:
     assert ops["QuickGelu"] == 1 and ops["Sigmoid"] == 0
     assert check_same(model, fused) <= 1e-5
     assert np.isclose(next(f for f in report.fusions if f.name == "silu").applied, 1)
+
+
+class InterleavedRotary(nn.Module):
+    """Rotary on pairs of channels (GPT-J, Meta's complex form written with real tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.float()[..., None] * self.inv_freq
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_interleaved_rotary(target: str, tmp_path: Path) -> None:
+    model = export(InterleavedRotary(), rotary_inputs(), ["x", "positions"], tmp_path / "m.onnx")
+    fused, _ = optimize_model(model, target)
+    (rotary,) = [n for n in fused.graph.node if n.op_type == "RotaryEmbedding"]
+    assert next(a.i for a in rotary.attribute if a.name == "interleaved") == 1
+    assert check_same(model, fused) <= 1e-5

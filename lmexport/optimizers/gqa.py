@@ -122,8 +122,6 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         same_positions = _same_positions(q_pos.inputs[1], k_pos.inputs[1])
         if not same_positions or q_pos.inputs[2:] != k_pos.inputs[2:]:
             return result.fail("Q and K are rotated with different positions or caches", k_rot)
-        if q_pos.attributes.get_int("interleaved", 0) != 0:
-            return result.fail("interleaved rotary", q_rot)
         node = attention.producer()
         assert node is not None
         softcap: float = node.attributes.get_float("softcap", 0.0)
@@ -144,15 +142,28 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         heads, kv_heads, head_dim = q_rot.shape[1], k_rot.shape[1], q_rot.shape[3]
         rot = q_rot.producer()
         positions, cos, sin = rot.inputs[1], rot.inputs[2], rot.inputs[3]
+        interleaved = rot.attributes.get_int("interleaved", 0)
         fold = head_dim % 16 == 0 and _slot_positions(positions)
         if fold:  # GroupQueryAttention rotates q and k itself, at cache-slot positions
             q, k = q3, k3
         else:
             q = op.RotaryEmbedding(
-                q3, positions, cos, sin, num_heads=heads, interleaved=0, _domain="com.microsoft"
+                q3,
+                positions,
+                cos,
+                sin,
+                num_heads=heads,
+                interleaved=interleaved,
+                _domain="com.microsoft",
             )
             k = op.RotaryEmbedding(
-                k3, positions, cos, sin, num_heads=kv_heads, interleaved=0, _domain="com.microsoft"
+                k3,
+                positions,
+                cos,
+                sin,
+                num_heads=kv_heads,
+                interleaved=interleaved,
+                _domain="com.microsoft",
             )
         if mask.dtype == ir.DataType.BOOL:  # True = attend → additive 0 / lowest
             dtype = q3.dtype.numpy()
@@ -176,6 +187,7 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
             cos if fold else None, sin if fold else None,
             None, mask, None, None, None, None, None, query_lengths,
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(fold),
+            rotary_interleaved=interleaved,
             scale=attention.producer().attributes.get_float("scale", head_dim**-0.5),
             _domain="com.microsoft", _outputs=3,
         )  # fmt: skip

@@ -46,19 +46,29 @@ def _strip_unsqueeze(value: ir.Value) -> ir.Value:
     return node.inputs[0] if node is not None and node.inputs[0] is not None else value
 
 
-def trace_angles(cos: ir.Value, sin: ir.Value, head_dim: int, max_positions: int) -> Angles | str:
-    """The positions and cache behind a rotary's cos/sin, or the reason they cannot be used."""
+def trace_angles(
+    cos: ir.Value, sin: ir.Value, head_dim: int, max_positions: int, interleaved: bool = False
+) -> Angles | str:
+    """The positions and cache behind a rotary's cos/sin, or the reason they cannot be used.
+
+    Rotate-half forms use angles Concat(F, F) over the whole head; interleaved forms use F, one
+    angle per pair of channels."""
     cos_node = _producer(_strip_unsqueeze(cos), "Cos")
     sin_node = _producer(_strip_unsqueeze(sin), "Sin")
     if cos_node is None or sin_node is None:
+        if interleaved:
+            return "cos/sin of the interleaved form are not Cos/Sin of angles"
         return _trace_tables(cos, sin, head_dim)
     angles = cos_node.inputs[0]
     if angles is not sin_node.inputs[0]:
         return "cos and sin are computed from different angles"
-    concat = _producer(angles, "Concat")
-    if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
-        return "angles are not Concat(freqs, freqs) (duplicated halves, rotate-half form)"
-    mul = _producer(concat.inputs[0], "Mul")
+    freqs = angles
+    if not interleaved:
+        concat = _producer(angles, "Concat")
+        if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+            return "angles are not Concat(freqs, freqs) (duplicated halves, rotate-half form)"
+        freqs = concat.inputs[0]
+    mul = _producer(freqs, "Mul")
     if mul is None:
         return "frequencies are not positions · inv_freq"
     inv_freq = next((c for c in map(_const, mul.inputs) if c is not None), None)
@@ -68,7 +78,7 @@ def trace_angles(cos: ir.Value, sin: ir.Value, head_dim: int, max_positions: int
     inv_freq = inv_freq.astype(np.float32).reshape(-1)
     if inv_freq.size * 2 != head_dim:
         return f"inv_freq has {inv_freq.size} entries, head_dim {head_dim} needs {head_dim // 2}"
-    cast = _producer(other, "Cast")
+    cast = _producer(_strip_unsqueeze(other), "Cast")  # Cast(Unsqueeze(p)) or Unsqueeze(Cast(p))
     source = cast.inputs[0] if cast is not None else None
     positions = _strip_unsqueeze(source) if source is not None else None
     if positions is None or positions.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
@@ -113,15 +123,30 @@ def _trace_tables(cos: ir.Value, sin: ir.Value, head_dim: int) -> Angles | str:
 
 
 class RotaryFusion(pattern.RewriteRuleClassBase):
+    """`halves`: "split" or "slice" (rotate-half forms), or "interleaved" (pairs of channels:
+    x1, x2 = x[..., ::2], x[..., 1::2]; out = interleave(x1·cos - x2·sin, x1·sin + x2·cos))."""
+
     def __init__(self, name: str, target: str, max_positions: int, halves: str) -> None:
         super().__init__(name)
         self.target = target
         self.max_positions = max_positions
         self.halves = halves
+        self.interleaved = halves == "interleaved"
         # One cache initializer per distinct set of frequencies, shared by every layer.
         self._caches: dict[bytes, tuple[ir.Value, ir.Value]] = {}
 
     def pattern(self, op, x, cos, sin):
+        if self.halves == "interleaved":
+            x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
+            x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
+            real = op.Sub(op.Mul(x1, cos), op.Mul(x2, sin))
+            imag = op.Add(op.Mul(x1, sin), op.Mul(x2, cos))
+            pairs = op.Concat(
+                op.Unsqueeze(real, _allow_other_inputs=True),
+                op.Unsqueeze(imag, _allow_other_inputs=True),
+                axis=-1,
+            )
+            return op.Reshape(pairs, _allow_other_inputs=True, _outputs=["rotated"])
         if self.halves == "split":
             x1, x2 = op.Split(x, _allow_other_inputs=True, _outputs=2)
         else:
@@ -137,11 +162,17 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
         if x.shape is None or x.shape.rank() != 4 or not isinstance(x.shape[3], int):
             return result.fail(f"x shape {x.shape} is not [batch, heads, sequence, head_dim]", x)
         head_dim = x.shape[3]
+        if self.halves == "interleaved":
+            if not _slices_pairs(bound["x1"], bound["x2"]):
+                return result.fail("the two Slices are not the even and odd channels")
+            rotated = bound["rotated"]
+            if rotated.shape is None or list(rotated.shape) != list(x.shape):
+                return result.fail(f"interleaved result {rotated.shape} is not x's {x.shape}")
         if self.halves == "slice" and not _slices_halves(bound["x1"], bound["x2"], head_dim):
             return result.fail("the two Slices are not the first and second half of head_dim")
         if self.halves == "split" and not _splits_halves(x, head_dim):
             return result.fail("the Split is not into two equal halves of the last axis")
-        angles = trace_angles(cos, sin, head_dim, self.max_positions)
+        angles = trace_angles(cos, sin, head_dim, self.max_positions, self.interleaved)
         if isinstance(angles, str):
             return result.fail(angles, cos)
         if angles.positions.shape is None or angles.positions.shape.rank() not in (1, 2):
@@ -151,7 +182,7 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, cos, sin, **_):
-        angles = trace_angles(cos, sin, x.shape[3], self.max_positions)
+        angles = trace_angles(cos, sin, x.shape[3], self.max_positions, self.interleaved)
         assert not isinstance(angles, str)
         dtype = x.dtype.numpy()
         key = angles.cos_cache.astype(dtype).tobytes() + angles.sin_cache.astype(dtype).tobytes()
@@ -169,9 +200,16 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
             shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(positions), axis=0)
             positions = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[0])), shape)
         if self.target == "onnx":
-            return op.RotaryEmbedding(x, cos_cache, sin_cache, positions, interleaved=0)
+            return op.RotaryEmbedding(
+                x, cos_cache, sin_cache, positions, interleaved=int(self.interleaved)
+            )
         return op.RotaryEmbedding(
-            x, positions, cos_cache, sin_cache, interleaved=0, _domain="com.microsoft"
+            x,
+            positions,
+            cos_cache,
+            sin_cache,
+            interleaved=int(self.interleaved),
+            _domain="com.microsoft",
         )
 
 
@@ -197,6 +235,22 @@ def _slices_halves(x1: ir.Value, x2: ir.Value, head_dim: int) -> bool:
     return bounds(x1) == (0, half) and bounds(x2) == (half, head_dim)
 
 
+def _slices_pairs(x1: ir.Value, x2: ir.Value) -> bool:
+    """x[..., 0::2] and x[..., 1::2]."""
+
+    def start_step(value: ir.Value) -> tuple[int, int] | None:
+        node = value.producer()
+        if node is None:
+            return None
+        inputs = [*node.inputs, None, None][:5]
+        starts, _, axes, steps = (_int_list(v) for v in inputs[1:5])
+        if starts is None or steps is None or len(starts) != 1 or (axes or [-1])[0] not in (-1, 3):
+            return None
+        return starts[0], steps[0]
+
+    return start_step(x1) == (0, 2) and start_step(x2) == (1, 2)
+
+
 def _splits_halves(x: ir.Value, head_dim: int) -> bool:
     node = next(
         (u for u, _ in x.uses() if u.op_type == "Split" and u.domain == ""),
@@ -213,7 +267,7 @@ def make_rules(target: str, max_positions: int) -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet(
         [
             RotaryFusion.rule("RotaryEmbedding", target, max_positions, halves)
-            for halves in ("split", "slice")
+            for halves in ("split", "slice", "interleaved")
         ],
         commute=True,
     )
