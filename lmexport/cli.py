@@ -135,11 +135,28 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--prompt", default=None, help="Text, encoded with the folder's tokenizer.json.")
 @click.option("--ids", default=None, help="Token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", default=0, show_default=True, help="0: off.")
+@click.option("--top-p", default=1.0, show_default=True, help="1: off.")
+@click.option("--min-p", default=0.0, show_default=True, help="0: off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, help="1: off.")
+@click.option("--seed", default=None, type=int, help="Makes a sampled generation reproducible.")
 @click.option("--provider", default="cpu", show_default=True)
 def generate(
-    folder: Path, prompt: str | None, ids: str | None, max_new_tokens: int, provider: str
+    folder: Path,
+    prompt: str | None,
+    ids: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    provider: str,
 ) -> None:
-    """Greedy continuation of a prompt; prints text when FOLDER has a tokenizer, else ids."""
+    """Continue a prompt (greedy unless --temperature > 0); prints text when FOLDER has a
+    tokenizer, else ids."""
     from .runtime import LlamaRunner, load_tokenizer
 
     if (prompt is None) == (ids is None):
@@ -150,7 +167,17 @@ def generate(
     if tokenizer is None and (folder / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(folder)
     produced: list[int] = []
-    for step in runner.stream([prompt_ids], max_new_tokens):
+    steps = runner.stream(
+        [prompt_ids],
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    for step in steps:
         produced.append(int(step[0]))
         if tokenizer is None:
             click.echo(f"{produced[-1]} ", nl=False)

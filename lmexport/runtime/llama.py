@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import LmexportError, RuntimeInputError
 from .manifest import MODEL_FILE, read_manifest
+from .sampling import Sampling, choose
 from .session import create_session
 
 
@@ -110,12 +111,22 @@ class LlamaRunner:
         max_new_tokens: int = 32,
         attention_mask: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
     ) -> Iterator[np.ndarray]:
-        """Greedy decoding, yielding the next token of every row ([batch] int64) as it is made.
+        """Decoding that yields the next token of every row ([batch] int64) as it is made.
 
-        Stops after `max_new_tokens`, or once every row has produced an end token (rows that
-        finished earlier keep repeating their end token).
+        Greedy unless `temperature` > 0 (see `sampling.Sampling`); `seed` makes a sampled
+        generation reproducible. Stops after `max_new_tokens`, or once every row has produced an
+        end token (rows that finished earlier keep repeating their end token).
         """
+        sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        rng = np.random.default_rng(seed)
         ids = self._check_ids(input_ids)
         mask = self._check_mask(attention_mask, ids)
         if max_new_tokens < 0:
@@ -135,12 +146,15 @@ class LlamaRunner:
         done = np.zeros(ids.shape[0], dtype=bool)
         past: list[np.ndarray] | None = None
         step_ids, seen = ids, ids
+        # Left padding is not a token the model saw: the penalty sees the row's first real one.
+        first_real = ids[np.arange(len(ids)), mask.argmax(-1)][:, None]
+        penalized = np.where(mask.astype(bool), ids, first_real)
         for _ in range(max_new_tokens):
             if self.kv_cache:
                 logits, past = self.forward(step_ids, mask, past)
             else:
                 logits, _ = self.forward(seen, mask, None)
-            nxt = logits[:, -1].argmax(-1).astype(np.int64)
+            nxt = choose(logits[:, -1], sampling, rng, penalized)
             nxt = np.where(done, seen[:, -1], nxt)
             done |= np.isin(nxt, list(stops))
             yield nxt
@@ -148,6 +162,7 @@ class LlamaRunner:
                 return
             step_ids = nxt[:, None]
             seen = np.concatenate([seen, step_ids], axis=1)
+            penalized = np.concatenate([penalized, step_ids], axis=1)
             mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
 
     def generate(
@@ -156,10 +171,12 @@ class LlamaRunner:
         max_new_tokens: int = 32,
         attention_mask: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
+        **sampling: Any,
     ) -> np.ndarray:
-        """Greedy continuation: the new tokens only, [batch, steps]."""
+        """The continuation, new tokens only, [batch, steps]; greedy unless sampling options
+        (temperature, top_k, top_p, min_p, repetition_penalty, seed) say otherwise."""
         ids = self._check_ids(input_ids)
-        steps = list(self.stream(ids, max_new_tokens, attention_mask, eos_token_id))
+        steps = list(self.stream(ids, max_new_tokens, attention_mask, eos_token_id, **sampling))
         if not steps:
             return np.zeros((ids.shape[0], 0), dtype=np.int64)
         return np.stack(steps, axis=1)
