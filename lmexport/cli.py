@@ -141,6 +141,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--min-p", default=0.0, show_default=True, help="0: off.")
 @click.option("--repetition-penalty", default=1.0, show_default=True, help="1: off.")
 @click.option("--seed", default=None, type=int, help="Makes a sampled generation reproducible.")
+@click.option("--draft", type=click.Path(path_type=Path), default=None, help="Draft model folder.")
+@click.option("--draft-tokens", default=4, show_default=True, help="Proposals per round.")
 @click.option("--provider", default="cpu", show_default=True)
 def generate(
     folder: Path,
@@ -153,6 +155,8 @@ def generate(
     min_p: float,
     repetition_penalty: float,
     seed: int | None,
+    draft: Path | None,
+    draft_tokens: int,
     provider: str,
 ) -> None:
     """Continue a prompt (greedy unless --temperature > 0); prints text when FOLDER has a
@@ -176,6 +180,8 @@ def generate(
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        draft=LlamaRunner.load(draft, provider=provider) if draft is not None else None,
+        draft_tokens=draft_tokens,
     )
     for step in steps:
         produced.append(int(step[0]))

@@ -12,6 +12,7 @@ from ..errors import LmexportError, RuntimeInputError
 from .manifest import MODEL_FILE, read_manifest
 from .sampling import Sampling, choose
 from .session import create_session
+from .speculative import SpeculativeStats, speculative_stream
 
 
 class LlamaRunner:
@@ -118,12 +119,17 @@ class LlamaRunner:
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        draft: LlamaRunner | None = None,
+        draft_tokens: int = 4,
+        stats: SpeculativeStats | None = None,
     ) -> Iterator[np.ndarray]:
         """Decoding that yields the next token of every row ([batch] int64) as it is made.
 
         Greedy unless `temperature` > 0 (see `sampling.Sampling`); `seed` makes a sampled
         generation reproducible. Stops after `max_new_tokens`, or once every row has produced an
-        end token (rows that finished earlier keep repeating their end token).
+        end token (rows that finished earlier keep repeating their end token). With `draft` (a
+        smaller runner of the same vocabulary, batch 1) decoding is speculative: `draft_tokens`
+        proposals a round, the same output distribution; `stats` collects the acceptance rate.
         """
         sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         rng = np.random.default_rng(seed)
@@ -143,6 +149,16 @@ class LlamaRunner:
             stops = {eos_token_id}
         else:
             stops = set(eos_token_id)
+        if draft is not None:
+            if ids.shape[0] != 1 or not mask.all():
+                raise RuntimeInputError("speculative decoding takes one unpadded prompt")
+            tokens = speculative_stream(
+                self, draft, ids[0].tolist(), max_new_tokens, sampling, rng, stops,
+                draft_tokens, stats,
+            )  # fmt: skip
+            for token in tokens:
+                yield np.array([token], dtype=np.int64)
+            return
         done = np.zeros(ids.shape[0], dtype=bool)
         past: list[np.ndarray] | None = None
         step_ids, seen = ids, ids

@@ -1,0 +1,76 @@
+"""Speculative decoding: the target's own output, whatever the draft proposes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmexport
+from lmexport.errors import RuntimeInputError
+from lmexport.runtime import LlamaRunner
+from lmexport.runtime.sampling import Sampling, filtered_probabilities
+from lmexport.runtime.speculative import SpeculativeStats
+
+from helpers import assert_bad_input, small_config, write_hf_folder
+
+PROMPT = [[3, 14, 15, 92, 65]]
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama-tiny's shape with other weights: a draft that is often wrong."""
+    return lmexport.convert("llama-tiny", tmp_path_factory.mktemp("draft") / "out", seed=5)
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "other"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_equals_target(
+    tiny_folder: Path, other_draft: Path, draft_kind: str, k: int
+) -> None:
+    target = LlamaRunner.load(tiny_folder)
+    draft = target if draft_kind == "same" else LlamaRunner.load(other_draft)
+    stats = SpeculativeStats()
+    expected = target.generate(PROMPT, 40, eos_token_id=[])
+    got = target.generate(PROMPT, 40, eos_token_id=[], draft=draft, draft_tokens=k, stats=stats)
+    assert np.array_equal(got, expected)
+    if draft_kind == "same":
+        assert stats.acceptance_rate == 1.0
+    else:
+        assert stats.acceptance_rate < 1.0  # rejections happened, so caches were rolled back
+    # Rolled back to exactly the accepted tokens after every round: the target's cache holds
+    # the whole sequence but its newest token (fed next round), the draft's no more than that.
+    for sequence, big, small in stats.cache_lengths:
+        assert big == sequence - 1 and small <= sequence - 1
+
+
+def test_first_token_distribution_matches_target(tiny_folder: Path, other_draft: Path) -> None:
+    """Over many seeds, the first sampled token follows the target's distribution, not the
+    draft's (chi-square with a fixed seed set)."""
+    target, draft = LlamaRunner.load(tiny_folder), LlamaRunner.load(other_draft)
+    sampling = Sampling(temperature=1.0, top_k=8)
+    p = filtered_probabilities(target.logits(PROMPT)[:, -1], sampling)[0]
+    counts = np.zeros_like(p)
+    runs = 1500
+    for seed in range(runs):
+        (first,) = next(
+            iter(target.stream(PROMPT, 2, eos_token_id=[], temperature=1.0, top_k=8, seed=seed,
+                               draft=draft, draft_tokens=3))
+        )  # fmt: skip
+        counts[first] += 1
+    support = p > 0
+    assert counts[~support].sum() == 0
+    expected = p[support] * runs
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    assert chi2 < 24.32  # chi-square, 7 degrees of freedom, p = 0.001
+
+
+def test_draft_with_other_vocabulary(tiny_folder: Path, tmp_path: Path) -> None:
+    write_hf_folder(tmp_path / "src", small_config(vocab_size=300))
+    draft = lmexport.convert(str(tmp_path / "src"), tmp_path / "draft")
+    with pytest.raises(RuntimeInputError, match="vocabulary"):
+        LlamaRunner.load(tiny_folder).generate(PROMPT, 4, draft=LlamaRunner.load(draft))
+    assert_bad_input(
+        ["generate", str(tiny_folder), "--ids", "1,2", "--draft", str(draft)], "vocabulary"
+    )
