@@ -158,3 +158,27 @@ def test_interleaved_rotary(target: str, tmp_path: Path) -> None:
     (rotary,) = [n for n in fused.graph.node if n.op_type == "RotaryEmbedding"]
     assert next(a.i for a in rotary.attribute if a.name == "interleaved") == 1
     assert check_same(model, fused) <= 1e-5
+
+
+class TiledAttention(PaddingOnlyAttention):
+    """Grouped attention whose K/V repeat is Tensor.repeat (Tile): query head h reads kv head
+    h % kv_heads, not h // groups as repeat_kv pairs them."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1)
+        scores = (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5
+        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        allowed = causal[None, None] & mask.bool()[:, None, None, :]
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        return scores.softmax(-1) @ v
+
+
+def test_tiled_kv_repeat(tmp_path: Path) -> None:
+    model = export(
+        TiledAttention(), attention_inputs(), ["q", "k", "v", "mask"], tmp_path / "m.onnx"
+    )
+    fused, _ = optimize_model(model, "onnx")
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["Attention"] == 1 and ops["Tile"] == 0 and ops["Softmax"] == 0
+    assert check_same(model, fused) <= 1e-5

@@ -2,7 +2,9 @@
 
 Matched on 4-D tensors [batch, heads, sequence, head_dim] (Add and Mul in either order):
 
-    K', V' = K, V repeated per query group: Reshape(Expand(Unsqueeze(K, 2))), or K itself (MHA)
+    K', V' = K, V repeated per query group: Reshape(Expand(Unsqueeze(K, 2))) (repeat_kv), or
+             Tile(K, [1, groups, 1, 1]) (the query heads are then reordered around Attention
+             by two Gathers, since Tile pairs query head h with kv head h % kv_heads), or K (MHA)
     scores = MatMul(Q, Transpose(K')) · scale          (eager exports)
            | MatMul(Q · a, Reshape(Transpose(Reshape(K'))) · b)   (decomposed SDPA, scale a·b)
     masked = Where(masked_out, very negative, scores) | scores + additive bias
@@ -31,13 +33,27 @@ def _scalar(value: ir.Value | None) -> float | None:
 
 
 def _repeated(op, kv, name: str):
-    """K or V, optionally repeated to the query heads as transformers' repeat_kv does."""
+    """K or V repeated to the query heads: "interleave" as transformers' repeat_kv does (query
+    head h reads kv head h // groups), "tile" as Tensor.repeat does (h reads h % kv_heads), or
+    not at all ("none", MHA)."""
     expanded = op.Expand(
         op.Unsqueeze(kv, _allow_other_inputs=True, _outputs=[f"{name}_unsq"]),
         _allow_other_inputs=True,
     )
-    repeated = op.Reshape(expanded, _allow_other_inputs=True)
-    return pattern.OrValue([repeated, kv], tag_var=f"{name}_repeat", tag_values=[True, False])
+    interleaved = op.Reshape(expanded, _allow_other_inputs=True)
+    tiled = op.Tile(kv, _allow_other_inputs=True, _outputs=[f"{name}_tiled"])
+    return pattern.OrValue(
+        [interleaved, tiled, kv],
+        tag_var=f"{name}_repeat",
+        tag_values=["interleave", "tile", "none"],
+    )
+
+
+def _tile_order(heads: int, kv_heads: int) -> list[int]:
+    """Query heads reordered so that Attention's grouping (position i reads kv head
+    i // groups) pairs each with the kv head Tile gave it (head h reads h % kv_heads)."""
+    groups = heads // kv_heads
+    return [(i % groups) * kv_heads + i // groups for i in range(heads)]
 
 
 class AttentionFusion(pattern.RewriteRuleClassBase):
@@ -80,10 +96,15 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         heads, kv_heads = q.shape[1], k.shape[1]
         if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
             return result.fail(f"{heads} query heads do not split into {kv_heads} kv groups", k)
+        if bound.get("k_repeat") != bound.get("v_repeat"):
+            return result.fail("K and V are repeated differently", k)
+        repeat = bound.get("k_repeat")
         for name in ("k", "v"):
-            if bound.get(f"{name}_repeat") and not _repeats_interleaved(bound[f"{name}_unsq"]):
+            if repeat == "interleave" and not _repeats_interleaved(bound[f"{name}_unsq"]):
                 return result.fail(f"{name.upper()} is repeated on another axis than 2", k)
-            if not bound.get(f"{name}_repeat") and heads != kv_heads:
+            if repeat == "tile" and not _tiles_heads(bound[f"{name}_tiled"], heads // kv_heads):
+                return result.fail(f"{name.upper()} is tiled other than along the heads", k)
+            if repeat == "none" and heads != kv_heads:
                 return result.fail(f"{name.upper()} has {kv_heads} heads, Q {heads}, no repeat", k)
         softmax = probs.producer()
         assert softmax is not None
@@ -121,7 +142,22 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
                 mask = producer.inputs[0]
             else:
                 mask = op.Not(mask)
-        return op.Attention(q, k, v, mask, scale=self._scale(bound))
+        if bound.get("k_repeat") != "tile":
+            return op.Attention(q, k, v, mask, scale=self._scale(bound))
+        order = _tile_order(q.shape[1], k.shape[1])
+        back = [order.index(h) for h in range(len(order))]
+        q = op.Gather(q, op.Constant(value_ints=order), axis=1)
+        out = op.Attention(q, k, v, mask, scale=self._scale(bound))
+        return op.Gather(out, op.Constant(value_ints=back), axis=1)
+
+
+def _tiles_heads(tiled: object, groups: int) -> bool:
+    assert isinstance(tiled, ir.Value)
+    node = tiled.producer()
+    if node is None or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    repeats = node.inputs[1].const_value
+    return repeats is not None and repeats.numpy().reshape(-1).tolist() == [1, groups, 1, 1]
 
 
 def _repeats_interleaved(unsqueezed: object) -> bool:
