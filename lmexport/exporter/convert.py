@@ -13,6 +13,7 @@ from ..errors import LmexportError
 from ..models.source import load_source
 from .compat import check_runnable
 from .folder import copy_files, save_model, staged_folder, write_manifest
+from .genai import write_genai_config
 from .llama import OPSETS, export_llama, graph_io
 
 TARGETS = tuple(OPSETS)
@@ -66,6 +67,8 @@ def convert(
             "quantization": None,
         }
         write_manifest(stage, manifest)
+        if target == "ort" and kv_cache:
+            write_genai_config(stage, manifest["config"])
     return outdir
 
 
