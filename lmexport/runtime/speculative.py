@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import RuntimeInputError
 from .sampling import Sampling, filtered_probabilities, penalize_repeats
+
+if TYPE_CHECKING:
+    from .llama import LlamaRunner
 
 
 @dataclass
@@ -35,7 +39,7 @@ class SpeculativeStats:
 class _Model:
     """One runner with its cache, fed whatever part of the sequence it has not seen."""
 
-    def __init__(self, runner) -> None:  # type: ignore[no-untyped-def]  # a LlamaRunner
+    def __init__(self, runner: LlamaRunner) -> None:
         self.runner = runner
         self.cache: list[np.ndarray] | None = None
         self.length = 0  # tokens in the cache
@@ -70,8 +74,8 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def speculative_stream(
-    target,  # type: ignore[no-untyped-def]  # LlamaRunner (imported lazily to avoid a cycle)
-    draft,  # type: ignore[no-untyped-def]
+    target: LlamaRunner,
+    draft: LlamaRunner,
     prompt: list[int],
     max_new_tokens: int,
     sampling: Sampling,
@@ -96,7 +100,8 @@ def speculative_stream(
     produced = 0
     while produced < max_new_tokens:
         n = min(k, max_new_tokens - produced - 1)  # the round also yields one target token
-        proposals, q = [], []
+        proposals: list[int] = []
+        q: list[np.ndarray] = []
         for _ in range(n):
             dist = _distribution(small.feed(sequence + proposals)[-1], sampling, sequence)
             proposals.append(_draw(dist, rng))
