@@ -25,6 +25,26 @@ SMALL = LlamaConfig(
 )
 
 
+def random_transformers_llama(**overrides: object) -> torch.nn.Module:
+    """A transformers `LlamaForCausalLM` of SMALL's shape with seeded random weights, spread
+    wide enough (initializer_range 0.2) that greedy choices are unambiguous."""
+    import transformers
+
+    torch.manual_seed(0)
+    settings: dict[str, object] = dict(
+        vocab_size=SMALL.vocab_size,
+        hidden_size=SMALL.hidden_size,
+        intermediate_size=SMALL.intermediate_size,
+        num_hidden_layers=SMALL.num_hidden_layers,
+        num_attention_heads=SMALL.num_attention_heads,
+        num_key_value_heads=SMALL.num_key_value_heads,
+        max_position_embeddings=SMALL.max_position_embeddings,
+        initializer_range=0.2,
+    )
+    settings.update(overrides)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+
+
 def small_config(**changes: Any) -> LlamaConfig:
     return replace(SMALL, **changes)
 

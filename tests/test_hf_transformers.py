@@ -11,23 +11,13 @@ import torch
 import lmexport
 from lmexport.runtime import LlamaRunner
 
+from helpers import random_transformers_llama
+
 transformers = pytest.importorskip("transformers")
 
 
 def save_random_llama(folder: Path, **overrides: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    settings: dict[str, object] = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-    )
-    settings.update(overrides)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    model = random_transformers_llama(**overrides)
     model.save_pretrained(folder)
     return model
 

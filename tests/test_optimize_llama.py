@@ -16,6 +16,8 @@ import torch
 
 import lmexport
 
+from helpers import random_transformers_llama
+
 transformers = pytest.importorskip("transformers")
 LAYERS = 4  # llama-tiny
 
@@ -87,19 +89,7 @@ def test_plain_export_to_onnx(plain_folders: dict[str, Path], cache: str, tmp_pa
 
 
 def export_transformers(impl: str, path: Path) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        attn_implementation=impl,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = random_transformers_llama(attn_implementation=impl)
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:
