@@ -36,7 +36,8 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="lmexport")
 def cli(debug: bool) -> None:
-    """Export Llama-family models to ONNX, run them with onnxruntime, and prove parity."""
+    """Export Llama-family and HorNet models to ONNX, run them with onnxruntime, and prove
+    parity."""
 
 
 @cli.command()
@@ -52,6 +53,10 @@ def cli(debug: bool) -> None:
 @click.option("--no-kv-cache", is_flag=True, help="One full forward, no past/present tensors.")
 @click.option("--seed", type=int, default=None, help="Weight seed of a preset (default 0).")
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it exists.")
+@click.option("--arch", default=None, help="Architecture of a checkpoint file (hornet-tiny-gf, …).")
+@click.option(
+    "--image-size", type=int, default=None, help="HorNet input size (GF models run at this size)."
+)
 def convert(
     source: str,
     outdir: Path,
@@ -60,12 +65,23 @@ def convert(
     no_kv_cache: bool,
     seed: int | None,
     force: bool,
+    arch: str | None,
+    image_size: int | None,
 ) -> None:
-    """Export SOURCE (a preset name or a Hugging Face model folder) to OUTDIR."""
+    """Export SOURCE (a preset name, a Hugging Face model folder or a HorNet .pth with --arch) to
+    OUTDIR."""
     from .exporter import convert as run
 
     folder = run(
-        source, outdir, target=target, dtype=dtype, kv_cache=not no_kv_cache, seed=seed, force=force
+        source,
+        outdir,
+        target=target,
+        dtype=dtype,
+        kv_cache=not no_kv_cache,
+        seed=seed,
+        force=force,
+        arch=arch,
+        image_size=image_size,
     )
     click.echo(
         f"wrote {folder}/model.onnx ({target}, {dtype}{', no KV cache' if no_kv_cache else ''})"
@@ -190,6 +206,28 @@ def generate(
     if tokenizer is not None:
         click.echo(tokenizer.decode(produced), nl=False)
     click.echo()
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top", default=5, show_default=True, help="Classes to print per image.")
+@click.option("--image-size", type=int, default=None, help="Input size (default: the folder's).")
+@click.option("--provider", default="cpu", show_default=True)
+def classify(
+    folder: Path, images: tuple[Path, ...], top: int, image_size: int | None, provider: str
+) -> None:
+    """Top classes of each image with FOLDER's HorNet (labels from FOLDER/labels.txt if any)."""
+    from .runtime import ImageClassifier
+
+    if top < 1:
+        raise LmexportError("--top must be at least 1")
+    classifier = ImageClassifier.load(folder, provider=provider)
+    pixels = [classifier.load_image(image, image_size) for image in images]
+    for image, predictions in zip(images, classifier.predict(pixels, top), strict=True):
+        click.echo(f"{image}:")
+        for p in predictions:
+            click.echo(f"  {p.probability:7.2%}  {p.index:>5}  {p.label}")
 
 
 @cli.command()

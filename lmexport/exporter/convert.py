@@ -10,8 +10,10 @@ import onnx
 import torch
 
 from ..errors import LmexportError
+from ..models.hornet import HorNet
 from ..models.source import load_source
 from .compat import check_runnable
+from .convert_hornet import convert_hornet
 from .folder import copy_files, save_model, staged_folder, write_manifest
 from .genai import write_genai_config
 from .llama import OPSETS, export_llama, graph_io
@@ -38,15 +40,25 @@ def convert(
     kv_cache: bool = True,
     seed: int | None = None,
     force: bool = False,
+    arch: str | None = None,
+    image_size: int | None = None,
 ) -> Path:
-    """Export `source` to `outdir`; returns the folder. Raises LmexportError on bad input."""
+    """Export `source` to `outdir`; returns the folder. Raises LmexportError on bad input.
+
+    `arch` names a checkpoint file's architecture; `image_size` is a HorNet model's input size.
+    """
     if target not in TARGETS:
         raise LmexportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     if dtype not in DTYPES:
         raise LmexportError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     outdir = Path(outdir)
     with staged_folder(outdir, force) as stage:
-        loaded = load_source(source, seed)
+        loaded = load_source(source, seed, arch)
+        if isinstance(loaded.model, HorNet):
+            write_manifest(stage, convert_hornet(loaded, stage, target, dtype, image_size))
+            return outdir
+        if image_size is not None:
+            raise LmexportError("--image-size applies to HorNet models only")
         source_record = loaded.source_record()
         model = loaded.model.to(DTYPES[dtype])
         proto = export_llama(model, target, kv_cache=kv_cache)

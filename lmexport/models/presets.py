@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .hornet import VARIANTS, HorNetConfig, variant_config
 from .llama import LlamaConfig
 
 DEFAULT_SEED = 0
@@ -12,7 +13,7 @@ DEFAULT_SEED = 0
 @dataclass(frozen=True)
 class Preset:
     arch: str
-    config: LlamaConfig
+    config: LlamaConfig | HorNetConfig
     about: str
 
 
@@ -48,6 +49,17 @@ PRESETS: dict[str, Preset] = {
         "155M parameters, 8 layers, hidden 1024, 16/4 heads: the speed benchmark model",
     ),
 }
+
+
+# HorNet: every variant of the paper, under the name `--arch` uses for its checkpoints.
+PRESETS.update(
+    (
+        f"hornet-{variant}",
+        Preset("hornet", variant_config(variant), "HorNet-" + variant.replace("-", " ", 1)),
+    )
+    for variant in VARIANTS
+)
+HORNET_ARCHS = [f"hornet-{variant}" for variant in VARIANTS]
 
 
 def preset_names() -> list[str]:

@@ -1,4 +1,5 @@
-"""Turn a SOURCE argument (preset name or model folder) into a PyTorch model ready to export."""
+"""Turn a SOURCE argument (preset name, model folder or HorNet checkpoint file with its `--arch`)
+into a PyTorch model ready to export."""
 
 from __future__ import annotations
 
@@ -9,28 +10,36 @@ from pathlib import Path
 import torch
 
 from ..errors import SourceError
+from . import hornet
 from .checkpoints import hf
-from .llama import Llama, init_random
-from .presets import DEFAULT_SEED, PRESETS, preset_names
+from .checkpoints import hornet as hornet_checkpoint
+from .llama import Llama, LlamaConfig, init_random
+from .presets import DEFAULT_SEED, HORNET_ARCHS, PRESETS, preset_names
 
 
 @dataclass
 class LoadedModel:
     arch: str
-    model: Llama
-    source: str  # preset name, or the folder's absolute path
+    model: Llama | hornet.HorNet
+    source: str  # preset name, or the folder's or checkpoint's absolute path
     seed: int | None  # presets only
     tokenizer_files: list[Path] = field(default_factory=list)
+    checkpoint_arch: str | None = None  # the `--arch` of a checkpoint file
 
     def source_record(self) -> dict[str, object]:
         """What `lmexport.json` keeps so `verify` can rebuild exactly this model."""
-        kind = "preset" if self.source in PRESETS else "folder"
-        return {
+        if self.source in PRESETS:
+            kind = "preset"
+        else:
+            kind = "folder" if self.checkpoint_arch is None else "checkpoint"
+        record: dict[str, object] = {
             "kind": kind,
             "name" if kind == "preset" else "path": self.source,
             "seed": self.seed,
-            "weights_sha256": weights_sha256(self.model),
         }
+        if self.checkpoint_arch is not None:
+            record["arch"] = self.checkpoint_arch
+        return {**record, "weights_sha256": weights_sha256(self.model)}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -42,12 +51,22 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_source(source: str, seed: int | None = None) -> LoadedModel:
+def load_source(source: str, seed: int | None = None, arch: str | None = None) -> LoadedModel:
+    """`arch` names the architecture of a checkpoint file (`hornet-tiny-gf`, ...)."""
+    if arch is not None and arch not in HORNET_ARCHS:
+        raise SourceError(f"unknown --arch {arch!r} (choose from {', '.join(HORNET_ARCHS)})")
     if source in PRESETS:
+        if arch is not None:
+            raise SourceError(f"--arch is for checkpoint files; preset {source} names its own")
         preset = PRESETS[source]
         seed = DEFAULT_SEED if seed is None else seed
-        model = Llama(preset.config)
-        init_random(model, seed)
+        model: Llama | hornet.HorNet
+        if isinstance(preset.config, LlamaConfig):
+            model = Llama(preset.config)
+            init_random(model, seed)
+        else:
+            model = hornet.HorNet(preset.config)
+            hornet.init_random(model, seed)
         return LoadedModel(preset.arch, model.eval(), source, seed)
     path = Path(source)
     if not path.exists():
@@ -56,7 +75,15 @@ def load_source(source: str, seed: int | None = None) -> LoadedModel:
             f"(presets: {', '.join(preset_names())})"
         )
     if not path.is_dir():
-        raise SourceError(f"{source}: expected a model folder with config.json")
+        if arch is None:
+            raise SourceError(
+                f"{source}: a checkpoint file needs --arch (one of {', '.join(HORNET_ARCHS)})"
+            )
+        model = hornet.HorNet(hornet.variant_config(arch.removeprefix("hornet-")))
+        hornet_checkpoint.load_weights(path, model, arch)
+        return LoadedModel("hornet", model.eval(), str(path.resolve()), None, checkpoint_arch=arch)
+    if arch is not None:
+        raise SourceError(f"--arch is for checkpoint files; {source} is a model folder")
     config = hf.read_config(path)
     model = Llama(config)
     hf.load_weights(path, model)

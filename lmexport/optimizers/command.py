@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from ..errors import LmexportError
 from ..onnx_files import load_onnx, save_onnx
+from .hornet_pipeline import is_image_model, optimize_image_model
 from .pipeline import optimize_model
 from .report import Report
 
@@ -106,7 +107,10 @@ def optimize_file(
 def _optimized(
     model: onnx.ModelProto, target: str, check: bool, tolerance: float
 ) -> tuple[onnx.ModelProto, Report]:
-    fused, report = optimize_model(model, target)
+    if is_image_model(model):
+        fused, report = optimize_image_model(model)
+    else:
+        fused, report = optimize_model(model, target)
     if check and report.applied:
         worst = check_same(model, fused)
         if worst > tolerance:

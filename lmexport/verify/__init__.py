@@ -16,7 +16,8 @@ def run_verify(
     steps: int = 32,
     seed: int = 0,
 ) -> Report:
-    """Run the folder's model and its PyTorch source on the same seeded inputs."""
+    """Run the folder's model and its PyTorch source on the same seeded inputs (`steps`: greedy
+    tokens of a Llama)."""
     from ..runtime.manifest import read_manifest
 
     arch = read_manifest(folder).get("arch")
@@ -24,6 +25,10 @@ def run_verify(
         from .llama import verify_llama
 
         return verify_llama(folder, source=source, provider=provider, steps=steps, seed=seed)
+    if arch == "hornet":
+        from .hornet import verify_hornet
+
+        return verify_hornet(folder, source=source, provider=provider, seed=seed)
     raise LmexportError(f"{folder}: cannot verify arch {arch!r}")
 
 

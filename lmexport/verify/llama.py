@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import LmexportError
 from ..models.llama import Llama
 from ..models.source import load_source, weights_sha256
 from ..runtime.llama import LlamaRunner
@@ -46,7 +47,10 @@ def _source_model(manifest: dict[str, Any], source: str | None) -> tuple[Llama, 
     record = manifest["source"]
     name = source or record.get("name") or record.get("path")
     seed = record.get("seed") if name == record.get("name") else None
-    return load_source(name, seed).model, name
+    model = load_source(name, seed).model
+    if not isinstance(model, Llama):
+        raise LmexportError(f"{name}: is not a Llama-family model")
+    return model, name
 
 
 def verify_llama(

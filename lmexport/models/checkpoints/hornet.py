@@ -1,0 +1,86 @@
+"""HorNet checkpoints as the official release saves them: a `.pth` holding the model's state_dict,
+or the training script's `{"model": state_dict, "optimizer": ..., "epoch": ..., "args": ...}`.
+
+Checkpoints are untrusted: they are unpickled with `torch.load(weights_only=True)`, which builds
+only tensors and plain containers. The one class training checkpoints add, the
+`argparse.Namespace` of training arguments, is allowed by name; anything else that needs
+unpickling is refused, never loaded with `weights_only=False`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...errors import SourceError
+
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+STATE_DICT_KEYS = ("model", "state_dict")  # where training scripts put the weights
+
+
+def _load(path: Path) -> Any:
+    # A zip checkpoint (torch ≥ 1.6) is memory-mapped: tensors are not read until copied.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"the class or function {found.group(1)}" if found else "objects"
+        raise SourceError(
+            f"{path}: refused: unpickling it needs {what}, which could run code "
+            "(only tensors, plain containers and argparse.Namespace are read)"
+        ) from None
+    except Exception as e:  # torch.load raises many types for files that are not checkpoints
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise SourceError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise SourceError(f"{path}: no such checkpoint file")
+    data = _load(path)
+    if isinstance(data, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not any(isinstance(v, Tensor) for v in data.values()):
+        raise SourceError(f"{path}: holds no state_dict (expected one, or {{'model': state_dict}})")
+    bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise SourceError(f"{path}: the state_dict has non-tensor entries ({_names(bad)})")
+    return data
+
+
+def load_weights(path: Path, model: torch.nn.Module, arch: str) -> None:
+    """Copy the checkpoint's tensors into `model`; missing, extra or mis-shaped ones are named."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    problems = [f"missing {_names(missing)}"] if missing else []
+    problems += [f"unexpected {_names(extra)}"] if extra else []
+    if problems:
+        raise SourceError(f"{path}: does not fit --arch {arch}: {'; '.join(problems)}")
+    for name, tensor in state.items():
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise SourceError(
+                f"{path}: tensor {name!r} has shape {list(tensor.shape)}, "
+                f"--arch {arch} needs {list(want.shape)}"
+            )
+        with torch.no_grad():
+            want.copy_(tensor.to(want.dtype))
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(str(k) for k in keys[:limit]) + more

@@ -1,0 +1,72 @@
+"""Parity of an exported HorNet folder against its PyTorch source, on seeded random images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LmexportError
+from ..models.hornet import HorNet
+from ..models.source import load_source, weights_sha256
+from ..runtime.vision import ImageClassifier
+from .metrics import max_abs_diff, top1_agreement
+from .report import Check, Report
+
+FP32_LOGITS_TOL = 1e-4  # absolute, or relative to the largest logit where logits are large
+
+
+def _source_model(record: dict[str, object], source: str | None) -> tuple[HorNet, str]:
+    name = str(source or record.get("name") or record.get("path"))
+    preset = name == record.get("name")
+    seed = record.get("seed") if preset else None
+    arch = None if preset else record.get("arch")
+    model = load_source(
+        name, seed if isinstance(seed, int) else None, None if arch is None else str(arch)
+    ).model
+    if not isinstance(model, HorNet):
+        raise LmexportError(f"{name}: is not a HorNet model")
+    return model, name
+
+
+def logits_check(name: str, ref: np.ndarray, got: np.ndarray, inputs: str) -> Check:
+    """Max abs and relative difference of the logits, and whether top-1 classes agree."""
+    diff = max_abs_diff(ref, got)
+    relative = diff / max(float(np.abs(ref).max()), 1e-30)
+    top1 = top1_agreement(ref, got)
+    passed = min(diff, relative) <= FP32_LOGITS_TOL and top1 == 1.0
+    return Check(name, passed, {"max_abs": diff, "relative": relative, "top1": top1}, inputs)
+
+
+def verify_hornet(
+    folder: str | Path, *, source: str | None = None, provider: str = "cpu", seed: int = 0
+) -> Report:
+    classifier = ImageClassifier.load(folder, provider=provider)
+    manifest = classifier.manifest
+    model, source_name = _source_model(manifest["source"], source)
+    tolerances = {"logits_max_abs_or_relative": FP32_LOGITS_TOL, "top1_agreement": 1.0}
+    report = Report(str(folder), source_name, provider, seed, manifest["dtype"], tolerances)
+    digest = weights_sha256(model)
+    expected = manifest["source"].get("weights_sha256")
+    report.checks.append(
+        Check(
+            "source_weights",
+            digest == expected,
+            {"sha256": digest[:16]},
+            f"expected {str(expected)[:16]}",
+        )
+    )
+    rng = np.random.default_rng(seed)
+    size = classifier.image_size
+    shapes = [(1, size, size), (3, size, size)]
+    if classifier.fixed_size is None:  # the graph takes any size: check one that is not square
+        shapes.append((2, size // 2 + 32, size // 4 + 32))
+    for batch, height, width in shapes:
+        pixels = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(pixels)).numpy()
+        got = classifier.logits(pixels)
+        inputs = f"batch {batch} x 3 x {height} x {width} standard normal pixel values"
+        report.checks.append(logits_check(f"logits_b{batch}_{height}x{width}", ref, got, inputs))
+    return report

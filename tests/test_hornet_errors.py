@@ -1,0 +1,96 @@
+"""Bad HorNet input: one-line errors with exit code 2, nothing exported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmexport.models.hornet import HorNet, variant_config
+from lmexport.models.presets import HORNET_ARCHS
+
+from helpers import assert_bad_input
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    return HorNet(variant_config("tiny-7x7")).state_dict()
+
+
+def convert_args(ckpt: Path, arch: str = "hornet-tiny-7x7") -> list[str]:
+    return ["convert", str(ckpt), "--arch", arch, "-o", str(ckpt.parent / "out")]
+
+
+def assert_nothing_written(ckpt: Path) -> None:
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
+
+
+def test_missing_and_extra_keys_named(state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    damaged = dict(state)
+    del damaged["stages.2.5.gamma1"], damaged["head.bias"]
+    damaged["stages.2.5.gnconv.dwconv.complex_weight"] = torch.zeros(240, 14, 8, 2)
+    ckpt = tmp_path / "damaged.pth"
+    torch.save({"model": damaged}, ckpt)
+    assert_bad_input(
+        convert_args(ckpt),
+        "missing stages.2.5.gamma1, head.bias",
+        "unexpected stages.2.5.gnconv.dwconv.complex_weight",
+    )
+    assert_nothing_written(ckpt)
+
+
+def test_wrong_variant_names_the_shape(state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(state, ckpt)  # a bare state_dict
+    assert_bad_input(convert_args(ckpt, "hornet-small-7x7"), "downsample_layers.0.0.weight", "96")
+    assert_nothing_written(ckpt)
+
+
+def test_unknown_arch_lists_valid(tmp_path: Path) -> None:
+    ckpt = tmp_path / "x.pth"
+    torch.save({}, ckpt)
+    assert_bad_input(convert_args(ckpt, "hornet-tiny-5x5"), "hornet-tiny-5x5", *HORNET_ARCHS)
+    assert_bad_input(["convert", str(ckpt), "-o", str(tmp_path / "o")], "--arch", *HORNET_ARCHS)
+
+
+class Hook:
+    """Unpickling it calls a function: what weights_only loading must never do."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("unpickled",))
+
+
+def test_code_in_pickle_refused(state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    ckpt = tmp_path / "evil.pth"
+    torch.save({"model": state, "hook": Hook()}, ckpt)
+    assert_bad_input(convert_args(ckpt), "evil.pth", "function print", "could run code")
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "notes.pth"
+    ckpt.write_text("just text")
+    assert_bad_input(convert_args(ckpt), "notes.pth", "not a readable PyTorch checkpoint")
+    ckpt = tmp_path / "empty.pth"
+    torch.save({"epoch": 3}, ckpt)
+    assert_bad_input(convert_args(ckpt), "empty.pth", "no state_dict")
+
+
+def test_options_that_do_not_apply(tmp_path: Path) -> None:
+    assert_bad_input(
+        ["convert", "hornet-tiny-gf", "--arch", "hornet-tiny-gf", "-o", str(tmp_path / "o")],
+        "--arch is for checkpoint files",
+    )
+    assert_bad_input(
+        ["convert", "llama-tiny", "--image-size", "224", "-o", str(tmp_path / "o")],
+        "--image-size applies to HorNet models only",
+    )
+    assert_bad_input(
+        ["convert", "hornet-tiny-gf", "--dtype", "float16", "-o", str(tmp_path / "o")],
+        "float32 only",
+    )
+    assert_bad_input(
+        ["convert", "hornet-tiny-gf", "--image-size", "16", "-o", str(tmp_path / "o")],
+        "at least 32",
+    )
+    assert not (tmp_path / "o").exists()
