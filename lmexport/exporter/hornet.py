@@ -7,8 +7,6 @@ resized first, as the eager model does when it sees another size).
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import replace
 
 import onnx
@@ -21,6 +19,7 @@ from ..errors import LmexportError
 from ..models.hornet import HorNet
 from ..runtime.vision import MIN_SIZE
 from .fast_hornet import FastHorNet
+from .quiet import quiet_export
 from .repeat import repeat_blocks
 
 OPSET = 20  # LayerNormalization (17), Gelu (20), DFT with its axis as an input (20)
@@ -63,25 +62,18 @@ def export_hornet(model: HorNet, target: str, image_size: int) -> onnx.ModelProt
         dynamic[3] = torch.export.Dim("width", min=2 * 32)
     # Traced at batch 2 so that the batch dimension is not specialised.
     pixels = torch.zeros(2, model.config.in_chans, image_size, image_size)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                traced.eval(),
-                (pixels,),
-                dynamo=True,
-                dynamic_shapes={"pixel_values": dynamic},
-                input_names=["pixel_values"],
-                output_names=["logits"],
-                opset_version=OPSET,
-                optimize=False,
-                verbose=False,
-            )
-    finally:
-        quiet.setLevel(level)
+    with quiet_export():
+        program = torch.onnx.export(
+            traced.eval(),
+            (pixels,),
+            dynamo=True,
+            dynamic_shapes={"pixel_values": dynamic},
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            opset_version=OPSET,
+            optimize=False,
+            verbose=False,
+        )
     assert program is not None
     proto = program.model_proto
     weights = {k: v.detach().numpy() for k, v in full.state_dict().items()}

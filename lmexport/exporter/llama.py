@@ -3,9 +3,7 @@ past length, position ids derived inside the graph from `attention_mask`."""
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
 
 import onnx
 import torch
@@ -13,6 +11,7 @@ from torch import Tensor, nn
 
 from ..models.llama import Llama
 from .fused import FusedLlama
+from .quiet import quiet_export
 
 # Default-domain opset of each target's graph: the fused targets need 23 for RMSNormalization,
 # RotaryEmbedding and Attention.
@@ -87,25 +86,18 @@ def export_llama(
         dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
         wrapper = _NoCache(traced)
 
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                wrapper.eval(),
-                args,
-                dynamo=True,
-                dynamic_shapes=dynamic,
-                input_names=input_names(n, kv_cache),
-                output_names=output_names(n, kv_cache),
-                opset_version=OPSETS[target],
-                optimize=True,
-                verbose=False,
-            )
-    finally:
-        quiet.setLevel(level)
+    with quiet_export():
+        program = torch.onnx.export(
+            wrapper.eval(),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=input_names(n, kv_cache),
+            output_names=output_names(n, kv_cache),
+            opset_version=OPSETS[target],
+            optimize=True,
+            verbose=False,
+        )
     assert program is not None
     proto = program.model_proto
     _name_total_sequence(proto)

@@ -9,10 +9,11 @@ import torch
 
 from ..errors import LmexportError
 from ..models.hornet import HorNet
-from ..models.source import load_source, weights_sha256
+from ..models.source import load_source
 from ..runtime.vision import ImageClassifier
 from .metrics import max_abs_diff, top1_agreement
 from .report import Check, Report
+from .source import source_weights_check
 
 FP32_LOGITS_TOL = 1e-4  # absolute, or relative to the largest logit where logits are large
 
@@ -47,16 +48,7 @@ def verify_hornet(
     model, source_name = _source_model(manifest["source"], source)
     tolerances = {"logits_max_abs_or_relative": FP32_LOGITS_TOL, "top1_agreement": 1.0}
     report = Report(str(folder), source_name, provider, seed, manifest["dtype"], tolerances)
-    digest = weights_sha256(model)
-    expected = manifest["source"].get("weights_sha256")
-    report.checks.append(
-        Check(
-            "source_weights",
-            digest == expected,
-            {"sha256": digest[:16]},
-            f"expected {str(expected)[:16]}",
-        )
-    )
+    report.checks.append(source_weights_check(model, manifest))
     rng = np.random.default_rng(seed)
     size = classifier.image_size
     shapes = [(1, size, size), (3, size, size)]

@@ -10,11 +10,12 @@ import torch
 
 from ..errors import LmexportError
 from ..models.llama import Llama
-from ..models.source import load_source, weights_sha256
+from ..models.source import load_source
 from ..runtime.llama import LlamaRunner
 from .inputs import left_pad, random_ids
 from .metrics import cosine, kl_divergence, max_abs_diff, top1_agreement
 from .report import Check, Report
+from .source import source_weights_check
 
 FP32_LOGITS_TOL = 1e-4
 LOW_PRECISION_TOP1 = 0.99
@@ -90,16 +91,7 @@ def verify_llama(
             ok = float(metrics["max_abs"]) <= FP32_LOGITS_TOL
         return Check(name, ok, metrics, inputs)
 
-    digest = weights_sha256(model)
-    expected = manifest["source"].get("weights_sha256")
-    report.checks.append(
-        Check(
-            "source_weights",
-            digest == expected,
-            {"sha256": digest[:16]},
-            f"expected {str(expected)[:16]}",
-        )
-    )
+    report.checks.append(source_weights_check(model, manifest))
 
     ids = random_ids(rng, vocab, 2, 16 * n)
     report.checks.append(
