@@ -5,8 +5,8 @@
 For each model: PyTorch eager, onnxruntime on a plain export (what `torch.onnx.export` gives:
 global filters as DFT ops), and onnxruntime on the `ort` target (`convert`'s default). Not a
 test: timings on a shared machine are noisy, so the three take turns in rounds of consecutive
-runs (a busy moment falls on all of them) and each figure is the median; ratios are against
-PyTorch.
+runs (a busy moment falls on all of them). Each figure is the median with its quartiles; ratios
+are against PyTorch, over all runs and within each round (their range shows the spread).
 """
 
 from __future__ import annotations
@@ -33,26 +33,30 @@ CYCLES = 4
 PAUSE_S = 1.0
 
 
-def timed_blocks(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each run over `repeats`, in CYCLES rounds of consecutive runs.
+def timed_blocks(
+    runs: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, list[list[float]]]:
+    """Milliseconds of each run, `repeats` in all, in CYCLES rounds of consecutive runs.
 
     Each block starts after a pause and a warm-up run: onnxruntime's and OpenMP's worker threads
     spin for a while after a run, and a run started meanwhile shares the two cores with them
     (interleaving single runs slowed whichever session came second by up to 40%).
     """
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[list[float]]] = {name: [] for name in runs}
     for cycle in range(CYCLES):
         for name, run in runs.items():
             time.sleep(PAUSE_S)
             run()
+            block: list[float] = []
             for _ in range(repeats // CYCLES + (cycle < repeats % CYCLES)):
                 start = time.perf_counter()
                 run()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+                block.append((time.perf_counter() - start) * 1000)
+            times[name].append(block)
+    return times
 
 
-def bench(preset: str, args: argparse.Namespace, root: Path) -> dict[str, float]:
+def bench(preset: str, args: argparse.Namespace, root: Path) -> dict[str, list[list[float]]]:
     model = load_source(preset).model
     pixels = torch.randn(args.batch, 3, args.size, args.size)
     feeds = {"pixel_values": pixels.numpy()}
@@ -72,8 +76,11 @@ def bench(preset: str, args: argparse.Namespace, root: Path) -> dict[str, float]
             f"{len(proto.graph.node)} nodes, logits max diff {diff:.2g}"
         )
         runs[f"onnxruntime {target}"] = lambda s=session: s.run(None, feeds)
+    before = os.getloadavg()[0]
     with torch.inference_mode():
-        return timed_blocks(runs, args.repeats)
+        times = timed_blocks(runs, args.repeats)
+    print(f"  {preset} timed; 1-minute load average {before:.2f} → {os.getloadavg()[0]:.2f}")
+    return times
 
 
 def main() -> None:
@@ -91,14 +98,25 @@ def main() -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"\nbatch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
-        f"median of {args.repeats} (ms; ratio to PyTorch eager, target ≤ {TARGET}); "
-        f"load average {load}"
+        f"median of {args.repeats} in {CYCLES} rounds (ms; ratio to PyTorch eager, "
+        f"target ≤ {TARGET}); load average {load}"
     )
     for preset, times in results.items():
-        eager = times["pytorch eager"]
+        eager = statistics.median(t for block in times["pytorch eager"] for t in block)
         print(f"{preset}")
-        for name, ms in times.items():
-            print(f"  {name:<22} {ms:8.1f} ms  {ms / eager:5.2f}x")
+        for name, blocks in times.items():
+            flat = sorted(t for block in blocks for t in block)
+            low, high = np.percentile(flat, [25, 75])
+            # The ratio within each round, where both met the same load: its range is the spread.
+            ratios = [
+                statistics.median(b) / statistics.median(e)
+                for b, e in zip(blocks, times["pytorch eager"], strict=True)
+            ]
+            print(
+                f"  {name:<22} {statistics.median(flat):8.1f} ms  (IQR {low:6.1f}-{high:6.1f})"
+                f"  {statistics.median(flat) / eager:5.2f}x  (per round {min(ratios):.2f}-"
+                f"{max(ratios):.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,58 @@ def cli(debug: bool) -> None:
     parity."""
 
 
+def _quantize_flags(command: Any) -> Any:
+    """--quantize and its settings, for convert and optimize."""
+    flags = [
+        click.option("--quantize", default=None, help="Weight-only quantization: int4 or int8."),
+        click.option(
+            "--block-size", type=int, default=None, help="Weights per scale (power of 2 ≥ 16; 32)."
+        ),
+        click.option(
+            "--quantize-lm-head/--no-quantize-lm-head",
+            default=None,
+            help="Quantize the LM head too (default: yes).",
+        ),
+        click.option(
+            "--quantize-embedding", is_flag=True, default=None, help="Quantize the embedding."
+        ),
+        click.option(
+            "--symmetric",
+            is_flag=True,
+            default=None,
+            help="No zero points (code 2^(bits-1) is 0): smaller, less accurate.",
+        ),
+        click.option(
+            "--accuracy-level",
+            type=int,
+            default=None,
+            help="MatMulNBits compute: 4 int8 (default, fastest on CPU) … 0 float32.",
+        ),
+    ]
+    for flag in reversed(flags):
+        command = flag(command)
+    return command
+
+
+def _quantize_options(flags: dict[str, Any]) -> Any:
+    from .quantize import quantize_options
+
+    settings = {k: v for k, v in flags.items() if k != "quantize" and v is not None}
+    if flags["quantize"] is None:
+        if settings:
+            names = ", ".join("--" + k.replace("_", "-") for k in settings)
+            raise LmexportError(f"{names}: only with --quantize int4|int8")
+        return None
+    return quantize_options(
+        flags["quantize"],
+        block_size=settings.get("block_size", 32),
+        lm_head=settings.get("quantize_lm_head", True),
+        embedding=settings.get("quantize_embedding", False),
+        accuracy_level=settings.get("accuracy_level", 4),
+        symmetric=settings.get("symmetric", False),
+    )
+
+
 @cli.command()
 @click.argument("source")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path))
@@ -57,6 +109,20 @@ def cli(debug: bool) -> None:
 @click.option(
     "--image-size", type=int, default=None, help="HorNet input size (GF models run at this size)."
 )
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEFT LoRA adapter folder to merge into the weights.",
+)
+@click.option(
+    "--streaming/--no-streaming",
+    default=None,
+    help="Read a checkpoint folder one tensor at a time, in bounded memory (default: when its "
+    "weight files exceed 2 GiB).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@_quantize_flags
 def convert(
     source: str,
     outdir: Path,
@@ -67,9 +133,13 @@ def convert(
     force: bool,
     arch: str | None,
     image_size: int | None,
+    adapter: Path | None,
+    streaming: bool | None,
+    quiet: bool,
+    **quantize: Any,
 ) -> None:
-    """Export SOURCE (a preset name, a Hugging Face model folder or a HorNet .pth with --arch) to
-    OUTDIR."""
+    """Export SOURCE (a preset name, a Hugging Face, Meta or torchtune model folder, or a HorNet
+    .pth with --arch) to OUTDIR."""
     from .exporter import convert as run
 
     folder = run(
@@ -82,10 +152,30 @@ def convert(
         force=force,
         arch=arch,
         image_size=image_size,
+        adapter=adapter,
+        quantize=_quantize_options(quantize),
+        streaming=streaming,
+        progress=not quiet,
     )
     click.echo(
         f"wrote {folder}/model.onnx ({target}, {dtype}{', no KV cache' if no_kv_cache else ''})"
     )
+    _echo_quantization(folder)
+
+
+def _echo_quantization(folder: Path) -> None:
+    from .runtime.manifest import read_manifest
+
+    record = read_manifest(folder).get("quantization")
+    if record and record["accuracy"] is None:
+        click.echo(f"{record['method']} (block {record['block_size']}): accuracy not measured")
+    elif record:
+        accuracy = record["accuracy"]
+        click.echo(
+            f"{record['method']} (block {record['block_size']}): top-1 agreement with float32 "
+            f"{accuracy['top1_agreement']:.1%}, KL {accuracy['kl']:.4f} over "
+            f"{accuracy['positions']} positions"
+        )
 
 
 @cli.command()
@@ -95,8 +185,15 @@ def convert(
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
 @click.option("--no-check", is_flag=True, help="Skip the before/after parity run (huge graphs).")
 @click.option("-v", "--verbose", is_flag=True, help="List refused matches and why.")
+@_quantize_flags
 def optimize(
-    source: Path, output: Path, target: str, report_path: Path | None, no_check: bool, verbose: bool
+    source: Path,
+    output: Path,
+    target: str,
+    report_path: Path | None,
+    no_check: bool,
+    verbose: bool,
+    **quantize: Any,
 ) -> None:
     """Fuse RMSNorm, rotary and grouped attention in SOURCE (an ONNX file, or a folder from
     `convert --target plain`) and write OUTPUT (a file, or a new folder)."""
@@ -104,11 +201,14 @@ def optimize(
 
     from .optimizers import optimize_file
 
-    report = optimize_file(source, output, target, check=not no_check)
+    options = _quantize_options(quantize)
+    report = optimize_file(source, output, target, check=not no_check, quantize=options)
     click.echo(report.table(verbose))
     if report_path is not None:
         report_path.write_text(json.dumps(report.to_dict(), indent=2))
     click.echo(f"wrote {output}")
+    if options is not None:
+        _echo_quantization(output)
 
 
 @cli.command()
@@ -146,10 +246,52 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _prompt_rows(
+    folder: Path, prompts: list[str], id_lists: tuple[str, ...], chat: bool, tokenizer: Any
+) -> list[list[int]]:
+    """Every prompt of the batch as token ids (chat prompts through the folder's template)."""
+    from .runtime import load_chat_template
+
+    if bool(prompts) == bool(id_lists):
+        raise LmexportError("give either --prompt (or --prompt-file) or --ids")
+    if id_lists:
+        if chat:
+            raise LmexportError("--chat takes text prompts (--prompt), not --ids")
+        return [_parse_ids(text) for text in id_lists]
+    if chat:
+        template = load_chat_template(folder)
+        return [template.encode(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    return [list(tokenizer.encode(p).ids) for p in prompts]
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmexportError(f"{path}: cannot read prompts ({e})") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise LmexportError(f"{path}: no prompts (one a line)")
+    return prompts
+
+
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--prompt", default=None, help="Text, encoded with the folder's tokenizer.json.")
-@click.option("--ids", default=None, help="Token ids, e.g. 1,2,3.")
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    help="Text, encoded with the folder's tokenizer.json; repeat for a batch.",
+)
+@click.option(
+    "--prompt-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A batch of prompts, one a line.",
+)
+@click.option("--ids", "id_lists", multiple=True, help="Token ids, e.g. 1,2,3; repeat for a batch.")
+@click.option("--chat", is_flag=True, help="Send each prompt as a user turn of the chat template.")
+@click.option("--stop", multiple=True, help="End when the text contains STR (not printed).")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", default=0, show_default=True, help="0: off.")
@@ -159,11 +301,16 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--seed", default=None, type=int, help="Makes a sampled generation reproducible.")
 @click.option("--draft", type=click.Path(path_type=Path), default=None, help="Draft model folder.")
 @click.option("--draft-tokens", default=4, show_default=True, help="Proposals per round.")
-@click.option("--provider", default="cpu", show_default=True)
+@click.option(
+    "--provider", default="cpu", show_default=True, help="cpu, cuda, or auto (CUDA if it can)."
+)
 def generate(
     folder: Path,
-    prompt: str | None,
-    ids: str | None,
+    prompts: tuple[str, ...],
+    prompt_file: Path | None,
+    id_lists: tuple[str, ...],
+    chat: bool,
+    stop: tuple[str, ...],
     max_new_tokens: int,
     temperature: float,
     top_k: int,
@@ -175,21 +322,25 @@ def generate(
     draft_tokens: int,
     provider: str,
 ) -> None:
-    """Continue a prompt (greedy unless --temperature > 0); prints text when FOLDER has a
-    tokenizer, else ids."""
-    from .runtime import LlamaRunner, load_tokenizer
+    """Continue prompts (greedy unless --temperature > 0), printing as the text comes; a batch
+    (several prompts) prints one `[n] text` line a prompt. Text when FOLDER has a tokenizer,
+    else ids."""
+    from .runtime import LlamaRunner, load_chat_template
 
-    if (prompt is None) == (ids is None):
-        raise LmexportError("give exactly one of --prompt and --ids")
+    texts = [*prompts, *(_read_prompt_file(prompt_file) if prompt_file is not None else [])]
     runner = LlamaRunner.load(folder, provider=provider)
-    tokenizer = load_tokenizer(folder) if prompt is not None else None
-    prompt_ids = tokenizer.encode(prompt).ids if tokenizer is not None else _parse_ids(ids or "")
-    if tokenizer is None and (folder / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(folder)
-    produced: list[int] = []
-    steps = runner.stream(
-        [prompt_ids],
-        max_new_tokens,
+    if provider == "auto" and runner.provider == "cpu":
+        click.echo("lmexport: CUDA is not available here; running on the CPU", err=True)
+    has_tokenizer = (folder / "tokenizer.json").is_file()
+    if stop and not has_tokenizer:
+        raise LmexportError(f"{folder}: no tokenizer.json, so --stop strings cannot be matched")
+    tokenizer = runner.tokenizer if texts or has_tokenizer else None
+    rows = _prompt_rows(folder, texts, id_lists, chat, tokenizer)
+    eos = list(runner.eos_token_ids)
+    if chat:
+        eos += load_chat_template(folder).end_token_ids(tokenizer)
+    options: dict[str, Any] = dict(
+        eos_token_id=eos,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -199,13 +350,29 @@ def generate(
         draft=LlamaRunner.load(draft, provider=provider) if draft is not None else None,
         draft_tokens=draft_tokens,
     )
-    for step in steps:
-        produced.append(int(step[0]))
-        if tokenizer is None:
-            click.echo(f"{produced[-1]} ", nl=False)
-    if tokenizer is not None:
-        click.echo(tokenizer.decode(produced), nl=False)
-    click.echo()
+    if tokenizer is None:
+        produced: list[list[int]] = [[] for _ in rows]
+        ended = [False] * len(rows)
+        for step in runner.stream(rows, max_new_tokens, **options):
+            for i, token in enumerate(step.tolist()):
+                if not ended[i]:
+                    produced[i].append(token)
+                    ended[i] = token in eos
+            if len(rows) == 1:
+                click.echo(f"{produced[0][-1]} ", nl=False)
+        if len(rows) > 1:
+            for i, row in enumerate(produced, 1):
+                click.echo(f"[{i}] {' '.join(map(str, row))}")
+        else:
+            click.echo()
+        return
+    if len(rows) == 1:
+        for text_step in runner.stream_text(rows, max_new_tokens, stop=stop, **options):
+            click.echo(text_step.text[0], nl=False)  # click.echo flushes: text shows as it comes
+        click.echo()
+        return
+    for i, text in enumerate(runner.generate_text(rows, max_new_tokens, stop=stop, **options), 1):
+        click.echo(f"[{i}] {text}")
 
 
 @cli.command()
@@ -228,6 +395,50 @@ def classify(
         click.echo(f"{image}:")
         for p in predictions:
             click.echo(f"  {p.probability:7.2%}  {p.index:>5}  {p.label}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt-length", default=128, show_default=True, help="Prompt tokens (random).")
+@click.option("--new-tokens", default=128, show_default=True, help="Greedy tokens to decode.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--repeats", default=3, show_default=True, help="Timed rounds (median).")
+@click.option("--vs-torch", is_flag=True, help="Run the PyTorch source too, interleaved.")
+@click.option("--source", default=None, help="--vs-torch source (default: the folder's).")
+@click.option("--draft", type=click.Path(path_type=Path), default=None, help="Draft model folder.")
+@click.option("--draft-tokens", default=4, show_default=True, help="Proposals per round.")
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--json", "json_path", default=None, help="Every figure to FILE (-: stdout).")
+def bench(
+    folder: Path,
+    prompt_length: int,
+    new_tokens: int,
+    threads: int | None,
+    repeats: int,
+    vs_torch: bool,
+    source: str | None,
+    draft: Path | None,
+    draft_tokens: int,
+    provider: str,
+    json_path: str | None,
+) -> None:
+    """Prefill latency, time to first token, decode tokens/s and peak RSS of FOLDER's model."""
+    import json
+
+    from .bench import bench as run
+
+    report = run(
+        folder, prompt_length=prompt_length, new_tokens=new_tokens, threads=threads,
+        repeats=repeats, provider=provider, vs_torch=vs_torch, source=source, draft=draft,
+        draft_tokens=draft_tokens,
+    )  # fmt: skip
+    text = json.dumps(report.to_dict(), indent=2)
+    if json_path == "-":
+        click.echo(text)
+        return
+    click.echo(report.table())
+    if json_path is not None:
+        Path(json_path).write_text(text)
 
 
 @cli.command()

@@ -118,3 +118,40 @@ def assert_bad_input(args: list[str], *words: str) -> None:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     for w in words:
         assert w in err, err
+
+
+# SmolLM2-Instruct's template (ChatML with a default system turn).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TOKENIZER_TEXT = [
+    "Paris is the capital of France. The quick brown fox jumps over the lazy dog.",
+    "Café, naïve, façade, 東京, Ελληνικά, 😀 and 🚀 are not ASCII: several bytes each.",
+    "Beautiful is better than ugly. Explicit is better than implicit. Simple is better.",
+    "user assistant system: hello, how are you? I am fine, thank you. What is 2 + 2?",
+] * 4
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 512, **config: Any) -> Any:
+    """A byte-level BPE tokenizer.json trained on a few sentences (so one non-ASCII character
+    is often several tokens), with <s>, </s>, <|im_start|>, <|im_end|> as special tokens
+    0-3, and tokenizer_config.json holding `config` (chat_template, bos_token, …)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TOKENIZER_TEXT, trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tokenizer

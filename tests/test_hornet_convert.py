@@ -94,6 +94,7 @@ def test_training_checkpoint_converts(gf_folder: Path, gf_checkpoint: Path) -> N
     assert source["kind"] == "checkpoint" and source["arch"] == "hornet-tiny-gf"
     assert source["path"] == str(gf_checkpoint.resolve())
     assert manifest["passes"]["export"]["global_filters_as_matmuls"] == 20
+    assert manifest["passes"]["export"]["BiasGelu"] == 25  # every block's MLP
     assert manifest["preprocess"]["resize"] == 256
 
 

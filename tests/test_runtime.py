@@ -40,6 +40,19 @@ def test_cached_decode_equals_full_forward(tiny_folder: Path) -> None:
     assert (full[0, 9:].argmax(-1) == tokens).all()
 
 
+def test_chunk_over_a_cache_with_several_rows(tiny_folder: Path) -> None:
+    """Several new tokens per row over a cache (speculative verification, chunked prefill),
+    left padding included: the same logits as one forward over everything."""
+    runner = LlamaRunner.load(tiny_folder, threads=1)
+    ids = np.random.default_rng(5).integers(0, runner.vocab_size, size=(3, 10))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    _, cache = runner.forward(ids[:, :6], mask[:, :6], None)
+    chunk, _ = runner.forward(ids[:, 6:], mask, cache)
+    full, _ = runner.forward(ids, mask, None)
+    np.testing.assert_allclose(chunk, full[:, 6:], atol=1e-4)
+
+
 def test_stops_at_eos(tiny_folder: Path) -> None:
     runner = LlamaRunner.load(tiny_folder)
     free = runner.generate([[5, 6, 7]], 10, eos_token_id=[])[0]

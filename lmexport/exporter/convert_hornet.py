@@ -39,7 +39,11 @@ def convert_hornet(
     passes = (
         {"DFT": ops["DFT"]}
         if target == "plain"
-        else {"LayerNormalization": ops["LayerNormalization"], "global_filters_as_matmuls": filters}
+        else {
+            "LayerNormalization": ops["LayerNormalization"],
+            "global_filters_as_matmuls": filters,
+            **({"BiasGelu": ops["BiasGelu"]} if target == "ort" else {}),
+        }
     )
     return {
         "arch": "hornet",

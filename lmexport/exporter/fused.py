@@ -91,7 +91,6 @@ class FusedLlama(nn.Module):
         # runs at slot positions, which changes no attention score (rotary is relative).
         seqlens_k = torch.full((b,), total - 1, dtype=torch.int32)
         total_length = torch.full((), total, dtype=torch.int32)
-        query_lengths = torch.full((b,), s, dtype=torch.int32)
         dtype = self.cos.dtype
         bias = torch.where(mask.bool(), 0.0, torch.finfo(dtype).min).to(dtype)
         bias = bias[:, None, None, :].expand(b, 1, s, total)
@@ -120,7 +119,7 @@ class FusedLlama(nn.Module):
                 v, cos, sin = a.v_proj(h), None, None
             out, pk, pv = op.group_query_attention(
                 q, k, v, past[i][0], past[i][1], seqlens_k, total_length, cos, sin, bias,
-                query_lengths, num_heads=self.n_heads, kv_num_heads=self.n_kv,
+                num_heads=self.n_heads, kv_num_heads=self.n_kv,
                 head_dim=self.head_dim, scale=self.scale,
             )  # fmt: skip
             presents.append((pk, pv))

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import LmexportError
 from ..models.hornet import HorNet
+from ..optimizers import bias_gelu
 from ..runtime.vision import MIN_SIZE
 from .fast_hornet import FastHorNet
 from .quiet import quiet_export
@@ -42,8 +43,9 @@ def export_hornet(model: HorNet, target: str, image_size: int) -> onnx.ModelProt
     """Trace `model` at `image_size` and return the ONNX graph.
 
     `plain` traces the eager model (global filters as DFT ops); `ort` and `onnx` trace
-    `FastHorNet`, which uses standard ops only, so the two give the same graph. Either is traced
-    with one block per stage and completed by `repeat_blocks`.
+    `FastHorNet` (standard ops), and `ort` then gives each MLP's first bias to onnxruntime's
+    BiasGelu (`optimizers/bias_gelu.py`). Each is traced with one block per stage and completed
+    by `repeat_blocks`.
     """
     if target not in TARGETS:
         raise LmexportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -80,6 +82,8 @@ def export_hornet(model: HorNet, target: str, image_size: int) -> onnx.ModelProt
     repeat_blocks(proto, model.config.depths, weights)
     graph = ir.serde.deserialize_model(proto)
     onnxscript.optimizer.optimize(graph)
+    if target == "ort":
+        bias_gelu.rules.apply_to_model(graph)
     proto = ir.serde.serialize_model(graph)
     _name_dims(proto)
     return proto

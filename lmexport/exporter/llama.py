@@ -60,6 +60,21 @@ def export_llama(
     `plain` traces the eager modules into primitive ops; `ort` and `onnx` trace `FusedLlama`
     (`rotary` is its choice of where the `ort` graph rotates).
     """
+    proto = export_program(model, target, kv_cache, rotary).model_proto
+    name_total_sequence(proto)
+    return proto
+
+
+def export_program(
+    model: Llama,
+    target: str = "plain",
+    kv_cache: bool = True,
+    rotary: str = "auto",
+    optimize: bool = True,
+) -> torch.onnx.ONNXProgram:
+    """The traced program before serialization. `optimize=False` leaves the onnxscript
+    optimizer to the caller: the streaming converter traces fake weights and runs it after
+    standing in for them (exporter/skeleton.py)."""
     config = model.config
     traced: nn.Module = model if target == "plain" else FusedLlama(model, target, rotary)
     n = config.num_hidden_layers
@@ -95,16 +110,14 @@ def export_llama(
             input_names=input_names(n, kv_cache),
             output_names=output_names(n, kv_cache),
             opset_version=OPSETS[target],
-            optimize=True,
+            optimize=optimize,
             verbose=False,
         )
     assert program is not None
-    proto = program.model_proto
-    _name_total_sequence(proto)
-    return proto
+    return program
 
 
-def _name_total_sequence(proto: onnx.ModelProto) -> None:
+def name_total_sequence(proto: onnx.ModelProto) -> None:
     """torch.export names the present length `past_sequence + sequence`; DESIGN.md calls it
     `total_sequence`, the same symbol as the attention mask's."""
     pattern = re.compile(r"^(past_sequence \+ sequence|sequence \+ past_sequence)$")

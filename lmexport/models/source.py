@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from ..errors import SourceError
-from . import hornet
-from .checkpoints import hf
+from . import hornet, lora
+from .checkpoints import gguf, hf, meta
 from .checkpoints import hornet as hornet_checkpoint
+from .installed import INSTALLED, installed_path
 from .llama import Llama, LlamaConfig, init_random
 from .presets import DEFAULT_SEED, HORNET_ARCHS, PRESETS, preset_names
 
@@ -24,7 +25,9 @@ class LoadedModel:
     source: str  # preset name, or the folder's or checkpoint's absolute path
     seed: int | None  # presets only
     tokenizer_files: list[Path] = field(default_factory=list)
+    tokenizer_texts: dict[str, str] = field(default_factory=dict)  # files made from the source
     checkpoint_arch: str | None = None  # the `--arch` of a checkpoint file
+    adapter: dict[str, object] | None = None  # the LoRA adapter merged in, if any
 
     def source_record(self) -> dict[str, object]:
         """What `lmexport.json` keeps so `verify` can rebuild exactly this model."""
@@ -39,6 +42,8 @@ class LoadedModel:
         }
         if self.checkpoint_arch is not None:
             record["arch"] = self.checkpoint_arch
+        if self.adapter is not None:
+            record["adapter"] = self.adapter
         return {**record, "weights_sha256": weights_sha256(self.model)}
 
 
@@ -51,10 +56,27 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_source(source: str, seed: int | None = None, arch: str | None = None) -> LoadedModel:
-    """`arch` names the architecture of a checkpoint file (`hornet-tiny-gf`, ...)."""
+def load_source(
+    source: str,
+    seed: int | None = None,
+    arch: str | None = None,
+    adapter: str | Path | None = None,
+) -> LoadedModel:
+    """`arch` names the architecture of a checkpoint file (`hornet-tiny-gf`, ...); `adapter` is
+    a PEFT LoRA folder merged into a Llama's weights."""
+    loaded = _load_base(source, seed, arch)
+    if adapter is not None:
+        if not isinstance(loaded.model, Llama):
+            raise SourceError("--adapter applies to Llama-family models only")
+        loaded.adapter = lora.merge_adapter(loaded.model, Path(adapter))
+    return loaded
+
+
+def _load_base(source: str, seed: int | None, arch: str | None) -> LoadedModel:
     if arch is not None and arch not in HORNET_ARCHS:
         raise SourceError(f"unknown --arch {arch!r} (choose from {', '.join(HORNET_ARCHS)})")
+    if source in INSTALLED:
+        source = str(installed_path(source))
     if source in PRESETS:
         if arch is not None:
             raise SourceError(f"--arch is for checkpoint files; preset {source} names its own")
@@ -74,6 +96,11 @@ def load_source(source: str, seed: int | None = None, arch: str | None = None) -
             f"{source}: no such file or folder, and not a preset "
             f"(presets: {', '.join(preset_names())})"
         )
+    if path.suffix == ".gguf" and path.is_file():
+        if arch is not None:
+            raise SourceError(f"--arch is for HorNet checkpoints; {source} is a GGUF file")
+        model, texts = gguf.load(path)
+        return LoadedModel("llama", model.eval(), str(path.resolve()), None, tokenizer_texts=texts)
     if not path.is_dir():
         if arch is None:
             raise SourceError(
@@ -84,6 +111,9 @@ def load_source(source: str, seed: int | None = None, arch: str | None = None) -
         return LoadedModel("hornet", model.eval(), str(path.resolve()), None, checkpoint_arch=arch)
     if arch is not None:
         raise SourceError(f"--arch is for checkpoint files; {source} is a model folder")
+    if not (path / "config.json").is_file() and meta.is_meta_folder(path):
+        model = meta.load(path).eval()
+        return LoadedModel("llama", model, str(path.resolve()), None, hf.tokenizer_files(path))
     config = hf.read_config(path)
     model = Llama(config)
     hf.load_weights(path, model)

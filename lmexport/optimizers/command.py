@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from ..errors import LmexportError
 from ..onnx_files import load_onnx, save_onnx
+from ..quantize import QuantizeOptions, as_options, check_quantizable, quantize_into
 from .hornet_pipeline import is_image_model, optimize_image_model
 from .pipeline import optimize_model
 from .report import Report
@@ -94,11 +95,22 @@ def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
 
 
 def optimize_file(
-    source: Path, output: Path, target: str, check: bool = True, tolerance: float = 1e-4
+    source: Path,
+    output: Path,
+    target: str,
+    check: bool = True,
+    tolerance: float = 1e-4,
+    quantize: str | QuantizeOptions | None = None,
 ) -> Report:
-    """SOURCE an ONNX file → OUTPUT file, or SOURCE a `convert` folder → OUTPUT folder."""
+    """SOURCE an ONNX file → OUTPUT file, or SOURCE a `convert` folder → OUTPUT folder;
+    `quantize` (folders only: their lmexport.json records the accuracy) as for `convert`."""
+    options = as_options(quantize)
     if source.is_dir():
-        return _optimize_folder(source, output, target, check, tolerance)
+        return _optimize_folder(source, output, target, check, tolerance, options)
+    if options is not None:
+        raise LmexportError(
+            "--quantize takes a folder written by `lmexport convert`, not an ONNX file"
+        )
     fused, report = _optimized(load_onnx(source), target, check, tolerance)
     _save(fused, output)
     return report
@@ -123,25 +135,36 @@ def _optimized(
 
 
 def _optimize_folder(
-    source: Path, output: Path, target: str, check: bool, tolerance: float
+    source: Path,
+    output: Path,
+    target: str,
+    check: bool,
+    tolerance: float,
+    quantize: QuantizeOptions | None,
 ) -> Report:
-    """A copy of the folder with the fused graph and `lmexport.json` saying what fused."""
+    """A copy of the folder with the fused (and maybe quantized) graph and `lmexport.json`
+    saying what was done."""
     import shutil
 
     from ..exporter.folder import save_model, staged_folder, write_manifest
     from ..runtime.manifest import MANIFEST, MODEL_FILE, read_manifest
 
     manifest = read_manifest(source)
+    if quantize is not None:
+        check_quantizable({**manifest, "target": target})
     fused, report = _optimized(load_onnx(source / MODEL_FILE), target, check, tolerance)
     with staged_folder(output, force=False) as stage:
         for item in source.iterdir():
             if item.name not in (MANIFEST, MODEL_FILE, MODEL_FILE + ".data") and item.is_file():
                 shutil.copy2(item, stage / item.name)
-        save_model(fused, stage)
         opset = next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx"))
         passes = {**manifest.get("passes", {}), "optimize": report.applied_by_fusion()}
         manifest.pop("format_version", None)
-        write_manifest(stage, {**manifest, "target": target, "opset": opset, "passes": passes})
+        manifest = {**manifest, "target": target, "opset": opset, "passes": passes}
+        if quantize is not None:
+            fused = quantize_into(fused, quantize, manifest, stage)
+        save_model(fused, stage)
+        write_manifest(stage, manifest)
     return report
 
 

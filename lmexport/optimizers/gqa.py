@@ -178,14 +178,10 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         total_length = op.Cast(op.Squeeze(total), to=6)
         past_key = bound.get("past_key") if self.cache else None
         past_value = bound.get("past_value") if self.cache else None
-        # Needed (and only allowed) with a past: several rows of several new tokens each.
-        query_lengths = (
-            op.Expand(op.Cast(op.Shape(mask, start=2, end=3), to=6), batch) if self.cache else None
-        )
         out3, present_key, present_value = op.GroupQueryAttention(
             q, k, v3, past_key, past_value, seqlens_k, total_length,
             cos if fold else None, sin if fold else None,
-            None, mask, None, None, None, None, None, query_lengths,
+            None, mask,
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(fold),
             rotary_interleaved=interleaved,
             scale=attention.producer().attributes.get_float("scale", head_dim**-0.5),

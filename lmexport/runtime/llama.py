@@ -1,4 +1,5 @@
-"""Running an exported Llama folder: full forwards, prefill + cached decode, greedy generation."""
+"""Running an exported Llama folder: full forwards, prefill + cached decode, generation as
+tokens or text."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import LmexportError, RuntimeInputError
+from .batching import is_ragged, left_pad
+from .device_cache import DeviceCache
 from .manifest import MODEL_FILE, read_manifest
 from .sampling import Sampling, choose
-from .session import create_session
+from .session import create_session, session_provider
 from .speculative import SpeculativeStats, speculative_stream
+from .text import TextRows, TextStep
+from .tokenizer import load_tokenizer
 
 
 class LlamaRunner:
@@ -20,20 +25,32 @@ class LlamaRunner:
 
     The cache is a list of numpy arrays, [batch, kv_heads, length, head_dim] per layer and K/V:
     what the graph returns as `present.*` is fed back as `past_key_values.*` at the next step.
+    With `io_binding` (the default on CUDA) generation keeps it on the device instead
+    (`device_cache.DeviceCache`); `forward` and speculative decoding always use numpy.
     """
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], provider: str, threads: int | None):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        provider: str,
+        threads: int | None,
+        io_binding: bool | None = None,
+    ):
         if manifest.get("arch") != "llama":
             raise LmexportError(f"{folder}: holds a {manifest.get('arch')!r} model, not a Llama")
         self.folder = folder
         self.manifest = manifest
         self.config: dict[str, Any] = manifest["config"]
         self.kv_cache: bool = bool(manifest["kv_cache"])
+        self._gqa = manifest.get("target") == "ort" and self.kv_cache
         self.num_layers: int = int(self.config["num_hidden_layers"])
         self.vocab_size: int = int(self.config["vocab_size"])
         self.eos_token_ids: list[int] = list(self.config.get("eos_token_id") or [])
-        self.provider = provider
         self.session = create_session(folder / MODEL_FILE, provider, threads)
+        self.provider = session_provider(self.session)  # what `auto` became
+        self.io_binding = self.provider == "cuda" if io_binding is None else io_binding
+        self._tokenizer: Any = None
         self._past_names = [i.name for i in self.session.get_inputs()][2:]
         past_type = self.session.get_inputs()[-1].type if self._past_names else "tensor(float)"
         cache_dtype = past_type[len("tensor(") : -1]
@@ -43,10 +60,22 @@ class LlamaRunner:
 
     @classmethod
     def load(
-        cls, folder: str | Path, provider: str = "cpu", threads: int | None = None
+        cls,
+        folder: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        io_binding: bool | None = None,
     ) -> LlamaRunner:
+        """provider: cpu, cuda or auto (CUDA if it can start, else CPU; `.provider` says which)."""
         folder = Path(folder)
-        return cls(folder, read_manifest(folder), provider, threads)
+        return cls(folder, read_manifest(folder), provider, threads, io_binding)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The folder's tokenizer.json (loaded when first asked for)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -84,9 +113,20 @@ class LlamaRunner:
             )
         return mask
 
+    def _batch(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        """ids and mask, checked; token lists of different lengths are padded on the left."""
+        if attention_mask is None and is_ragged(input_ids):
+            input_ids, attention_mask = left_pad(input_ids)
+        ids = self._check_ids(input_ids)
+        return ids, self._check_mask(attention_mask, ids)
+
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         shape = (batch, int(self.config["num_key_value_heads"]), 0, int(self.config["head_dim"]))
         return [np.zeros(shape, dtype=self.cache_dtype) for _ in self._past_names]
+
+    def device_cache(self, batch: int) -> DeviceCache:
+        """A cache that stays bound on the session's device between steps."""
+        return DeviceCache(self.session, self.empty_cache(batch), self.provider)
 
     # -- forwards ------------------------------------------------------------------------------
 
@@ -94,6 +134,18 @@ class LlamaRunner:
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One graph run: logits [batch, seq, vocab] (float32) and the new cache."""
+        rows, length = input_ids.shape
+        if self._gqa and past is not None and rows > 1 and length > 1 and past[0].shape[2] > 0:
+            # GroupQueryAttention takes several new tokens over a cache for one row at a time
+            # (without its optional query_seqlens input, which onnxruntime 1.31 lacks).
+            runs = [
+                self.forward(
+                    input_ids[r : r + 1], attention_mask[r : r + 1], [p[r : r + 1] for p in past]
+                )
+                for r in range(rows)
+            ]
+            cache = [np.concatenate(layer) for layer in zip(*(c for _, c in runs), strict=True)]
+            return np.concatenate([logits for logits, _ in runs]), cache
         feeds: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.kv_cache:
             past = past if past is not None else self.empty_cache(input_ids.shape[0])
@@ -103,8 +155,8 @@ class LlamaRunner:
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """Full forward over the prompt, no cache kept."""
-        ids = self._check_ids(input_ids)
-        return self.forward(ids, self._check_mask(attention_mask, ids), None)[0]
+        ids, mask = self._batch(input_ids, attention_mask)
+        return self.forward(ids, mask, None)[0]
 
     def stream(
         self,
@@ -113,6 +165,8 @@ class LlamaRunner:
         attention_mask: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
         *,
+        stop: Sequence[str] = (),
+        tokenizer: Any = None,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -125,16 +179,92 @@ class LlamaRunner:
     ) -> Iterator[np.ndarray]:
         """Decoding that yields the next token of every row ([batch] int64) as it is made.
 
-        Greedy unless `temperature` > 0 (see `sampling.Sampling`); `seed` makes a sampled
-        generation reproducible. Stops after `max_new_tokens`, or once every row has produced an
-        end token (rows that finished earlier keep repeating their end token). With `draft` (a
-        smaller runner of the same vocabulary, batch 1) decoding is speculative: `draft_tokens`
-        proposals a round, the same output distribution; `stats` collects the acceptance rate.
+        `input_ids` is an array [batch, sequence] (with `attention_mask` for padding) or a list
+        of token lists of any lengths, padded on the left here. Greedy unless `temperature` > 0
+        (see `sampling.Sampling`); `seed` makes a sampled generation reproducible. Stops after
+        `max_new_tokens`, or once every row has produced an end token or, decoded (by
+        `tokenizer`, default the folder's), contains one of the `stop` strings; rows that
+        finished earlier keep repeating their last token. With `draft` (a smaller runner of the
+        same vocabulary, batch 1) decoding is speculative: `draft_tokens` proposals a round, the
+        same output distribution; `stats` collects the acceptance rate.
         """
+        ids, mask = self._batch(input_ids, attention_mask)
+        texts = TextRows(self._tokenizer_for(tokenizer), stop, len(ids)) if stop else None
+        return self._stream(
+            ids, mask, max_new_tokens, eos_token_id, texts, temperature=temperature,
+            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            seed=seed, draft=draft, draft_tokens=draft_tokens, stats=stats,
+        )  # fmt: skip
+
+    def stream_text(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        attention_mask: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        *,
+        stop: Sequence[str] = (),
+        tokenizer: Any = None,
+        **options: Any,
+    ) -> Iterator[TextStep]:
+        """`stream` with text: each step's tokens and every row's new text (see `text.py`:
+        characters split over tokens come out whole, stop strings never come out). A last step
+        with no tokens hands out what was held back. `options` are `stream`'s."""
+        ids, mask = self._batch(input_ids, attention_mask)
+        texts = TextRows(self._tokenizer_for(tokenizer), stop, len(ids))
+        tokens = self._stream(ids, mask, max_new_tokens, eos_token_id, texts, **options)
+        return _text_steps(tokens, texts)
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        attention_mask: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        **options: Any,
+    ) -> np.ndarray:
+        """The continuation, new tokens only, [batch, steps]; greedy unless sampling options
+        (temperature, top_k, top_p, min_p, repetition_penalty, seed) say otherwise. With
+        `stop` strings, a row ends with the token that completed one."""
+        ids, mask = self._batch(input_ids, attention_mask)
+        steps = list(self.stream(ids, max_new_tokens, mask, eos_token_id, **options))
+        if not steps:
+            return np.zeros((ids.shape[0], 0), dtype=np.int64)
+        return np.stack(steps, axis=1)
+
+    def generate_text(
+        self, input_ids: Any, max_new_tokens: int = 32, attention_mask: Any = None, **options: Any
+    ) -> list[str]:
+        """Each row's continuation as text, without the stop string that ended it."""
+        ids, mask = self._batch(input_ids, attention_mask)
+        texts = [""] * len(ids)
+        for step in self.stream_text(ids, max_new_tokens, mask, **options):
+            texts = [text + new for text, new in zip(texts, step.text, strict=True)]
+        return texts
+
+    def _tokenizer_for(self, tokenizer: Any) -> Any:
+        return self.tokenizer if tokenizer is None else tokenizer
+
+    def _stream(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None,
+        texts: TextRows | None,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        draft: LlamaRunner | None = None,
+        draft_tokens: int = 4,
+        stats: SpeculativeStats | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Checks the request now (so bad input fails at the call), decodes when iterated."""
         sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-        rng = np.random.default_rng(seed)
-        ids = self._check_ids(input_ids)
-        mask = self._check_mask(attention_mask, ids)
         if max_new_tokens < 0:
             raise RuntimeInputError("max_new_tokens must be ≥ 0")
         limit = int(self.config["max_position_embeddings"])
@@ -149,6 +279,7 @@ class LlamaRunner:
             stops = {eos_token_id}
         else:
             stops = set(eos_token_id)
+        rng = np.random.default_rng(seed)
         if draft is not None:
             if ids.shape[0] != 1 or not mask.all():
                 raise RuntimeInputError("speculative decoding takes one unpadded prompt")
@@ -156,23 +287,40 @@ class LlamaRunner:
                 self, draft, ids[0].tolist(), max_new_tokens, sampling, rng, stops,
                 draft_tokens, stats,
             )  # fmt: skip
-            for token in tokens:
-                yield np.array([token], dtype=np.int64)
-            return
+            return _single_rows(tokens, stops, texts)
+        return self._decode(ids, mask, max_new_tokens, stops, sampling, rng, texts)
+
+    def _decode(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        max_new_tokens: int,
+        stops: set[int],
+        sampling: Sampling,
+        rng: np.random.Generator,
+        texts: TextRows | None,
+    ) -> Iterator[np.ndarray]:
         done = np.zeros(ids.shape[0], dtype=bool)
         past: list[np.ndarray] | None = None
+        bound = self.device_cache(len(ids)) if self.io_binding and self.kv_cache else None
         step_ids, seen = ids, ids
         # Left padding is not a token the model saw: the penalty sees the row's first real one.
         first_real = ids[np.arange(len(ids)), mask.argmax(-1)][:, None]
         penalized = np.where(mask.astype(bool), ids, first_real)
         for _ in range(max_new_tokens):
-            if self.kv_cache:
+            if bound is not None:
+                logits = bound.step(step_ids, mask)
+            elif self.kv_cache:
                 logits, past = self.forward(step_ids, mask, past)
             else:
                 logits, _ = self.forward(seen, mask, None)
             nxt = choose(logits[:, -1], sampling, rng, penalized)
             nxt = np.where(done, seen[:, -1], nxt)
-            done |= np.isin(nxt, list(stops))
+            ended = np.isin(nxt, list(stops))
+            if texts is not None:
+                texts.push(nxt, ~done & ~ended)
+                ended |= texts.stopped
+            done |= ended
             yield nxt
             if done.all():
                 return
@@ -181,18 +329,23 @@ class LlamaRunner:
             penalized = np.concatenate([penalized, step_ids], axis=1)
             mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
 
-    def generate(
-        self,
-        input_ids: Any,
-        max_new_tokens: int = 32,
-        attention_mask: Any = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        **sampling: Any,
-    ) -> np.ndarray:
-        """The continuation, new tokens only, [batch, steps]; greedy unless sampling options
-        (temperature, top_k, top_p, min_p, repetition_penalty, seed) say otherwise."""
-        ids = self._check_ids(input_ids)
-        steps = list(self.stream(ids, max_new_tokens, attention_mask, eos_token_id, **sampling))
-        if not steps:
-            return np.zeros((ids.shape[0], 0), dtype=np.int64)
-        return np.stack(steps, axis=1)
+
+def _single_rows(
+    tokens: Iterator[int], stops: set[int], texts: TextRows | None
+) -> Iterator[np.ndarray]:
+    """A batch-1 token stream as [1] arrays, ended early by a stop string."""
+    for token in tokens:
+        step = np.array([token], dtype=np.int64)
+        if texts is not None:
+            texts.push(step, np.array([token not in stops]))
+        yield step
+        if texts is not None and texts.stopped.all():
+            return
+
+
+def _text_steps(tokens: Iterator[np.ndarray], texts: TextRows) -> Iterator[TextStep]:
+    for step in tokens:
+        yield TextStep(step, texts.take())
+    rest = texts.finish()
+    if any(rest):
+        yield TextStep(np.zeros(0, dtype=np.int64), rest)

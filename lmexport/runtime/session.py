@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -9,29 +11,63 @@ import onnxruntime as ort
 from ..errors import LmexportError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+CHOICES = (*PROVIDERS, "auto")  # auto: CUDA when this onnxruntime can run it, else the CPU
 
 
 def create_session(
     model_path: str | Path, provider: str = "cpu", threads: int | None = None
 ) -> ort.InferenceSession:
-    """A session on `provider`; `threads` sets intra-op threads (None: onnxruntime's default)."""
-    if provider not in PROVIDERS:
-        raise LmexportError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    """A session on `provider`; `threads` sets intra-op threads (None: onnxruntime's default).
+    `session_provider` says which one an `auto` session got."""
+    if provider not in CHOICES:
+        raise LmexportError(f"unknown provider {provider!r} (choose from {', '.join(CHOICES)})")
+    requested = provider
+    if provider == "auto":
+        provider = "cuda" if PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"
     name = PROVIDERS[provider]
     if name not in ort.get_available_providers():
         raise LmexportError(
             f"provider {provider!r} is not available in this onnxruntime "
             f"(has {', '.join(ort.get_available_providers())}; for CUDA install lmexport[cuda])"
         )
+    if name == PROVIDERS["cuda"]:
+        _preload_cuda_libraries()
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    # TF32 matmuls (onnxruntime's CUDA default) cost fp32 graphs their 1e-4 parity: ~4e-3 seen.
+    cuda_options = {"use_tf32": "0"}
+    providers = (
+        [name] if name == "CPUExecutionProvider" else [(name, cuda_options), "CPUExecutionProvider"]
+    )
     try:
-        return ort.InferenceSession(str(model_path), options, providers=providers)
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for unloadable graphs
         raise LmexportError(
             f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})"
         ) from None
+    # onnxruntime-gpu lists CUDA even where it cannot start it (no GPU, driver or CUDA libraries)
+    # and then quietly runs on the CPU.
+    if name not in session.get_providers() and requested != "auto":
+        raise LmexportError(
+            f"provider {provider!r} could not start (no usable GPU, driver or CUDA libraries); "
+            "use --provider cpu or auto"
+        )
+    return session
+
+
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu finds the CUDA/cuDNN libraries of the `nvidia-*` wheels (what
+    `onnxruntime-gpu[cuda,cudnn]` installs) only once they are preloaded; harmless where the
+    system already has them. Its notes go to stderr, where they cannot mix with generated text."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(OSError):
+            preload()
+
+
+def session_provider(session: ort.InferenceSession) -> str:
+    """'cuda' when the session runs on the CUDA provider, else 'cpu'."""
+    return "cuda" if PROVIDERS["cuda"] in session.get_providers() else "cpu"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,16 @@ from ..models.source import load_source
 from ..runtime.llama import LlamaRunner
 from .inputs import left_pad, random_ids
 from .metrics import cosine, kl_divergence, max_abs_diff, top1_agreement
+from .quantized import COMPUTE_KL, COMPUTE_TOP1, apply_quantization, compute_check, exact_runner
 from .report import Check, Report
 from .source import source_weights_check
 
 FP32_LOGITS_TOL = 1e-4
 LOW_PRECISION_TOP1 = 0.99
+# Weight-only quantization, checked at accuracy level 0 against the source with the same
+# quantization (verify/quantized.py): float rounding only (KL ~1e-10), while every scale 5% off
+# gives KL 0.01 and a wrong layout or zero point ~1.
+QUANTIZED_TOP1, QUANTIZED_KL = 0.99, 1e-4
 
 
 @torch.no_grad()
@@ -44,11 +50,14 @@ def torch_greedy(
     return torch.cat(out, dim=1).numpy()
 
 
-def _source_model(manifest: dict[str, Any], source: str | None) -> tuple[Llama, str]:
+def source_model(manifest: dict[str, Any], source: str | None) -> tuple[Llama, str]:
+    """The PyTorch model a folder was exported from (or `source`), and its name."""
     record = manifest["source"]
     name = source or record.get("name") or record.get("path")
     seed = record.get("seed") if name == record.get("name") else None
-    model = load_source(name, seed).model
+    # The folder's weights include the merged adapter, so the source gets it too.
+    adapter = (record.get("adapter") or {}).get("path")
+    model = load_source(name, seed, adapter=adapter).model
     if not isinstance(model, Llama):
         raise LmexportError(f"{name}: is not a Llama-family model")
     return model, name
@@ -64,14 +73,26 @@ def verify_llama(
 ) -> Report:
     runner = LlamaRunner.load(folder, provider=provider)
     manifest = runner.manifest
-    model, source_name = _source_model(manifest, source)
-    low_precision = manifest["dtype"] != "float32"
+    model, source_name = source_model(manifest, source)
+    quantization = manifest.get("quantization") or {}
+    low_precision = manifest["dtype"] != "float32" or bool(quantization)
+    top1_min, kl_max = (
+        (QUANTIZED_TOP1, QUANTIZED_KL) if quantization else (LOW_PRECISION_TOP1, None)
+    )
     tolerances = (
-        {"top1_agreement_min": LOW_PRECISION_TOP1}
+        {"top1_agreement_min": top1_min, **({"kl_max": kl_max} if kl_max else {})}
         if low_precision
         else {"logits_max_abs": FP32_LOGITS_TOL}
     )
-    report = Report(str(folder), source_name, provider, seed, manifest["dtype"], tolerances)
+    if quantization:
+        tolerances |= {"compute_top1_min": COMPUTE_TOP1, "compute_kl_max": COMPUTE_KL}
+    dtype = manifest["dtype"] + (f" ({quantization['method']} weights)" if quantization else "")
+    report = Report(str(folder), source_name, provider, seed, dtype, tolerances)
+
+    def close(metrics: dict[str, float | int | str]) -> bool:
+        kl_ok = kl_max is None or float(metrics["kl"]) <= kl_max
+        return float(metrics["top1"]) >= top1_min and kl_ok
+
     rng = np.random.default_rng(seed)
     vocab = runner.vocab_size
     # Top-1 agreement ≥ 99% only means something over ≥ 100 positions: one flipped near-tie in
@@ -86,12 +107,17 @@ def verify_llama(
         }
         if low_precision:
             metrics["kl"] = kl_divergence(ref, got)
-            ok = float(metrics["top1"]) >= LOW_PRECISION_TOP1
+            ok = close(metrics)
         else:
             ok = float(metrics["max_abs"]) <= FP32_LOGITS_TOL
         return Check(name, ok, metrics, inputs)
 
     report.checks.append(source_weights_check(model, manifest))
+    shipped = runner
+    if quantization:
+        apply_quantization(model, quantization)
+        with tempfile.TemporaryDirectory() as tmp:  # onnxruntime has read it once loaded
+            runner = exact_runner(shipped, Path(tmp))
 
     ids = random_ids(rng, vocab, 2, 16 * n)
     report.checks.append(
@@ -127,7 +153,7 @@ def verify_llama(
         seq = np.concatenate([prompt, ref_tokens], axis=1)
         ref, got = torch_logits(model, seq)[:, 7:-1], runner.logits(seq)[:, 7:-1]
         greedy_metrics |= {"top1": top1_agreement(ref, got), "kl": kl_divergence(ref, got)}
-        greedy_ok = float(greedy_metrics["top1"]) >= LOW_PRECISION_TOP1
+        greedy_ok = close(greedy_metrics)
     else:
         greedy_ok = same == steps
     report.checks.append(
@@ -151,4 +177,6 @@ def verify_llama(
     if not low_precision:
         pad_check.passed &= bool((batch_tokens == alone_tokens).all())
     report.checks.append(pad_check)
+    if quantization:
+        report.checks.append(compute_check(shipped, runner, random_ids(rng, vocab, 2, 64)))
     return report
