@@ -39,6 +39,7 @@ import lmexport
 from lmexport.bench import EngineFigures, OrtEngine, measure
 from lmexport.errors import LmexportError
 from lmexport.models.source import load_source
+from lmexport.quantize import quantize_options
 from lmexport.runtime import LlamaRunner, read_manifest
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -167,13 +168,21 @@ def set_genai_threads(folder: Path, threads: int) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
+# Our quantized folders: name → `lmexport optimize --quantize` options.
+QUANTIZED = {
+    "int8": quantize_options("int8"),
+    "int4": quantize_options("int4"),
+    "int4-offsets": quantize_options("int4", offsets=True, lm_head_bits=8),
+}
+
+
 def our_folders(source: str, root: Path) -> dict[str, Path]:
-    folders = {"fp32": root / "fp32", "int8": root / "int8", "int4": root / "int4"}
+    folders = {name: root / name for name in ("fp32", *QUANTIZED)}
     if not folders["fp32"].is_dir():
         lmexport.convert(source, folders["fp32"])
-    for method in ("int8", "int4"):
-        if not folders[method].is_dir():
-            lmexport.optimize(folders["fp32"], folders[method], quantize=method)
+    for name, options in QUANTIZED.items():
+        if not folders[name].is_dir():
+            lmexport.optimize(folders["fp32"], folders[name], quantize=options)
     return folders
 
 
@@ -196,10 +205,17 @@ def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -
             lambda: OrtEngine("ours fp32", runners["fp32"]),
             lambda: OrtEngine("ours int8", runners["int8"]),
             lambda: OrtEngine("ours int4", runners["int4"]),
+            lambda: OrtEngine("ours int4 (float offsets, int8 head)", runners["int4-offsets"]),
             lambda: OrtEngine(
                 f"ours speculative (fp32 + int4 draft, k={args.draft_tokens})",
                 runners["fp32"],
                 runners["int4"],
+                args.draft_tokens,
+            ),
+            lambda: OrtEngine(
+                f"ours speculative (fp32 + int4 float-offsets draft, k={args.draft_tokens})",
+                runners["fp32"],
+                runners["int4-offsets"],
                 args.draft_tokens,
             ),
             lambda: GenaiEngine("onnxruntime-genai fp32", peers["fp32"]),
@@ -215,7 +231,7 @@ def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -
     decode = measure(engines(), prompt, args.new_tokens, args.repeats)
     long_prompt = rng.integers(0, vocab, args.prefill_length)
     prefill = measure(loaded, long_prompt, 2, args.repeats)
-    accuracy = {m: read_manifest(ours[m])["quantization"]["accuracy"] for m in ("int8", "int4")}
+    accuracy = {m: read_manifest(ours[m])["quantization"]["accuracy"] for m in QUANTIZED}
     print_table(label, decode, prefill, accuracy, args)
 
 

@@ -53,6 +53,12 @@ def _quantize_flags(command: Any) -> Any:
             help="Quantize the LM head too (default: yes).",
         ),
         click.option(
+            "--lm-head-bits",
+            type=int,
+            default=None,
+            help="The LM head's bits, 4 or 8 (default: --quantize's).",
+        ),
+        click.option(
             "--quantize-embedding", is_flag=True, default=None, help="Quantize the embedding."
         ),
         click.option(
@@ -60,6 +66,13 @@ def _quantize_flags(command: Any) -> Any:
             is_flag=True,
             default=None,
             help="No zero points (code 2^(bits-1) is 0): smaller, less accurate.",
+        ),
+        click.option(
+            "--float-offsets",
+            is_flag=True,
+            default=None,
+            help="Per-block float minimum, as GGUF's Q4_1 (exact on its weights): one more "
+            "small MatMul per weight.",
         ),
         click.option(
             "--accuracy-level",
@@ -89,6 +102,8 @@ def _quantize_options(flags: dict[str, Any]) -> Any:
         embedding=settings.get("quantize_embedding", False),
         accuracy_level=settings.get("accuracy_level", 4),
         symmetric=settings.get("symmetric", False),
+        offsets=settings.get("float_offsets", False),
+        lm_head_bits=settings.get("lm_head_bits"),
     )
 
 

@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lmexport
+from lmexport.errors import LmexportError
 from lmexport.quantize import (
     QuantizeOptions,
     blocks,
@@ -59,6 +60,73 @@ def test_error_within_half_a_step(
     within = step * np.where(symmetric & clipped, 1.0, 0.5)
     assert (err <= within * (1 + 1e-5) + 1e-12).all()
     assert err.max() > 0.1 * step.max()  # it did quantize
+
+
+def test_float_offsets_land_on_a_q4_1_grid() -> None:
+    """Weights as GGUF's Q4_1 dequantizes them (d·q + m, d and m float16 per block of 32) come
+    back to float precision; with an integer zero point they move by up to half a step."""
+    rng = np.random.default_rng(3)
+    rows, n_blocks = 16, 6
+    d = rng.uniform(0.001, 0.01, (rows, n_blocks, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.1, -0.02, (rows, n_blocks, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (rows, n_blocks, 32))
+    q[..., 0], q[..., 1] = 0, 15  # as Q4_1 quantizes: each block's min and max are codes
+    w = (d * q + m).reshape(rows, -1).astype(np.float32)
+    exact = quantize_blocks(w, 4, 32, offsets=True)
+    assert exact.zero_points is None and exact.offsets is not None
+    assert exact.offsets.shape == exact.scales.shape == (rows, n_blocks)
+    assert np.abs(dequantize_blocks(exact) - w).max() <= 1e-6 * np.abs(w).max()
+    shifted = np.abs(dequantize_blocks(quantize_blocks(w, 4, 32)) - w).max()
+    assert shifted > 0.1 * d.max()
+
+
+def test_float_offsets_on_fresh_weights_and_partial_blocks() -> None:
+    w = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32) + 3.0
+    q = quantize_blocks(w, 8, 16, offsets=True)
+    step = np.repeat(q.scales, 16, axis=1)
+    assert (np.abs(dequantize_blocks(q) - w) <= step * 0.5 * (1 + 1e-5)).all()
+    with pytest.raises(LmexportError, match="not a multiple of 32"):
+        quantize_blocks(w[:, :40], 4, 32, offsets=True)
+
+
+def test_float_offsets_graph_matches_dequantized_weights() -> None:
+    """MatMulNBits plus block sums times the offsets computes x @ dequantize(W) for a 3-D
+    input; two MatMuls of one input share its block sums."""
+    rng = np.random.default_rng(5)
+    k, n = 96, 40
+    weights = [rng.standard_normal((k, n)).astype(np.float32) + 0.5 for _ in range(2)]
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(2)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    )
+    options = QuantizeOptions(accuracy_level=0, offsets=True)
+    assert quantize_graph(model, options) == {"MatMulNBits": 2}
+    assert [node.op_type for node in model.graph].count("ReduceSum") == 1
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for w, y in zip(weights, session.run(None, {"x": x}), strict=True):
+        expected = x @ dequantize_blocks(quantize_blocks(np.ascontiguousarray(w.T), offsets=True)).T
+        assert np.abs(y - expected).max() <= 1e-4
+
+
+def test_float_offsets_folder_verifies(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--quantize", "int4", "--block-size", "16", "--float-offsets"]
+    code, _, err = run("convert", "llama-tiny", "-o", str(out), *args)
+    assert code == 0, err
+    record = json.loads((out / "lmexport.json").read_text())["quantization"]
+    assert record["offsets"] is True and record["ops"] == {"MatMulNBits": 21}
+    report = lmexport.verify(out, steps=8)
+    assert report.passed, report.table()
+    assert report.metrics["logits"]["max_abs"] < 1e-4
 
 
 def _run(node: onnx.NodeProto, inits: list[onnx.TensorProto], x: np.ndarray, out: int) -> Any:
@@ -153,9 +221,9 @@ def test_wrong_scales_fail_verify(tiny_folder: Path, tmp_path: Path) -> None:
     """Every scale 25% too large: the model still runs, and verify must say it is broken."""
 
     def off_scale(
-        weight: np.ndarray, bits: int, block_size: int, symmetric: bool
+        weight: np.ndarray, bits: int, block_size: int, symmetric: bool, offsets: bool
     ) -> blocks.BlockQuantized:
-        q = quantize_blocks(weight, bits, block_size, symmetric)
+        q = quantize_blocks(weight, bits, block_size, symmetric, offsets)
         return dataclasses.replace(q, scales=q.scales * 1.25)
 
     out = tmp_path / "broken"
@@ -206,6 +274,8 @@ def test_bench_table(tiny_folder: Path) -> None:
         (["--block-size", "64"], ["--block-size", "only with --quantize"]),
         (["--quantize", "int8", "--target", "onnx"], ["ort target"]),
         (["--quantize", "int4", "--dtype", "float16"], ["float32"]),
+        (["--quantize", "int4", "--float-offsets", "--symmetric"], ["pick one"]),
+        (["--quantize", "int4", "--float-offsets"], ["176 columns", "multiple of 32"]),
     ],
 )
 def test_bad_quantize_options(tmp_path: Path, extra: list[str], words: list[str]) -> None:

@@ -11,7 +11,7 @@ import lmexport
 from lmexport.errors import RuntimeInputError
 from lmexport.runtime import LlamaRunner
 from lmexport.runtime.sampling import Sampling, filtered_probabilities
-from lmexport.runtime.speculative import SpeculativeStats
+from lmexport.runtime.speculative import SpeculativeStats, _Model
 
 from helpers import assert_bad_input, small_config, write_hf_folder
 
@@ -22,6 +22,12 @@ PROMPT = [[3, 14, 15, 92, 65]]
 def other_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """llama-tiny's shape with other weights: a draft that is often wrong."""
     return lmexport.convert("llama-tiny", tmp_path_factory.mktemp("draft") / "out", seed=5)
+
+
+@pytest.fixture(scope="module")
+def ort_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama-tiny's fused target: GroupQueryAttention keeps its own cache layout."""
+    return lmexport.convert("llama-tiny", tmp_path_factory.mktemp("ort") / "out", target="ort")
 
 
 @pytest.mark.parametrize("draft_kind", ["same", "other"])
@@ -43,6 +49,26 @@ def test_greedy_equals_target(
     # the whole sequence but its newest token (fed next round), the draft's no more than that.
     for sequence, big, small in stats.cache_lengths:
         assert big == sequence - 1 and small <= sequence - 1
+
+
+@pytest.mark.parametrize("fixture", ["tiny_folder", "ort_folder"])
+def test_rolled_back_cache_holds_no_stale_entries(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """After proposals are cut back and others fed in their place, the cache is exactly the
+    one a fresh run over the final sequence builds: same length, same logits."""
+    runner = LlamaRunner.load(request.getfixturevalue(fixture))
+    prompt = PROMPT[0]
+    rolled = _Model(runner)
+    rolled.feed([*prompt, 7, 8, 9, 10])  # four proposals
+    rolled.keep(len(prompt) + 1)  # one accepted
+    assert rolled.cache is not None
+    assert all(c.shape[2] == len(prompt) + 1 for c in rolled.cache)
+    final = [*prompt, 7, 21, 22]  # the rejected ones replaced
+    got = rolled.feed(final)
+    fresh = _Model(runner).feed(final)[-2:]
+    assert got.shape == fresh.shape
+    assert np.abs(got - fresh).max() <= 1e-5
 
 
 def test_first_token_distribution_matches_target(tiny_folder: Path, other_draft: Path) -> None:

@@ -29,6 +29,7 @@ from lmexport.exporter.weights_file import CHUNK_BYTES, DataFile
 from lmexport.models.checkpoints.lazy import expected_shapes
 from lmexport.models.llama import LlamaConfig
 from lmexport.models.presets import PRESETS
+from lmexport.quantize import quantize_options
 from lmexport.runtime import LlamaRunner
 
 from helpers import assert_bad_input, hf_config_json, run, small_config, write_hf_folder
@@ -91,13 +92,17 @@ def test_meta_two_shards_plain_target(tmp_path: Path) -> None:
     assert assert_same_export(tmp_path / "in_memory", tmp_path / "streamed") == {}
 
 
-def test_int4_streams_to_the_in_memory_int4_graph(tmp_path: Path) -> None:
-    """The MatMulNBits codes, scales and zero points, quantized a block of rows at a time,
-    equal convert --quantize int4's; only the accuracy measurement is left out."""
+@pytest.mark.parametrize("offsets", [False, True], ids=["zero_points", "float_offsets"])
+def test_int4_streams_to_the_in_memory_int4_graph(tmp_path: Path, offsets: bool) -> None:
+    """The MatMulNBits codes, scales and zero points (or float offsets), quantized a block of
+    rows at a time, equal convert --quantize int4's; only the accuracy measurement is left out."""
     write_hf_folder(tmp_path / "hf", STREAMED, dtype=torch.bfloat16, shards=2)
+    options = quantize_options("int4", offsets=offsets)
     for streamed in (False, True):
         name = "streamed" if streamed else "in_memory"
-        lmexport.convert(str(tmp_path / "hf"), tmp_path / name, quantize="int4", streaming=streamed)
+        lmexport.convert(
+            str(tmp_path / "hf"), tmp_path / name, quantize=options, streaming=streamed
+        )
     differ = assert_same_export(tmp_path / "in_memory", tmp_path / "streamed")
     assert list(differ) == ["quantization"]
     measured, streamed_record = differ["quantization"]

@@ -32,11 +32,11 @@ class StandInQuantizer:
         self.weights: list[QuantizedWeight] = []
 
     def __call__(
-        self, weight: np.ndarray, bits: int, block_size: int, symmetric: bool
+        self, weight: np.ndarray, bits: int, block_size: int, symmetric: bool, offsets: bool
     ) -> BlockQuantized:
         found = self._stand_ins.get(address(weight))
         if found is None:
-            return quantize_blocks(weight, bits, block_size, symmetric)
+            return quantize_blocks(weight, bits, block_size, symmetric, offsets)
         value, recipe = found
         # The writer quantizes the sources' own rows: the view must have the orientation of
         # the checkpoint tensor the skeleton's placeholder stood for (its backing row last).
@@ -45,8 +45,11 @@ class StandInQuantizer:
                 f"streaming export: cannot quantize {value.name} from its checkpoint rows"
             )
         rows, cols = weight.shape
-        probe = quantize_blocks(np.zeros((1, cols), weight.dtype), bits, block_size, symmetric)
-        job = QuantizedWeight(recipe.sources, rows, cols, bits, block_size, symmetric, shapes={})
+        zeros = np.zeros((1, cols), weight.dtype)
+        probe = quantize_blocks(zeros, bits, block_size, symmetric, offsets)
+        job = QuantizedWeight(
+            recipe.sources, rows, cols, bits, block_size, symmetric, offsets, shapes={}
+        )
         stand_ins: dict[str, np.ndarray] = {}
         for field in dataclasses.fields(probe):
             part = getattr(probe, field.name)

@@ -91,8 +91,8 @@ def write_recipe(
 @dataclasses.dataclass
 class QuantizedWeight:
     """One weight quantized as `quantize_blocks` does, [rows, cols] = its sources stacked;
-    `parts` maps a BlockQuantized field (codes, scales, zero_points) to its initializer, and
-    `offsets` to where that goes in the file."""
+    `parts` maps a BlockQuantized field (codes, scales, zero_points, offsets) to its
+    initializer, and `offsets` to where that goes in the file."""
 
     sources: tuple[str, ...]
     rows: int
@@ -100,6 +100,7 @@ class QuantizedWeight:
     bits: int
     block_size: int
     symmetric: bool
+    float_offsets: bool
     shapes: dict[str, tuple[int, ...]]  # each part's shape, rows first
     parts: dict[str, str] = dataclasses.field(default_factory=dict)
     offsets: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -122,7 +123,9 @@ def write_quantized(
         rows = checkpoint.shapes[name][0]
         for start, stop in _row_blocks(rows, weight.cols * 4):
             block = _cast(checkpoint.rows(name, start, stop), torch.float32).numpy()
-            q = quantize_blocks(block, weight.bits, weight.block_size, weight.symmetric)
+            q = quantize_blocks(
+                block, weight.bits, weight.block_size, weight.symmetric, weight.float_offsets
+            )
             for part, offset in weight.offsets.items():
                 data = getattr(q, part)
                 assert data.shape[1:] == weight.shapes[part][1:], (part, data.shape)

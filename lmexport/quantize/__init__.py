@@ -30,6 +30,8 @@ def quantize_options(
     embedding: bool = False,
     accuracy_level: int = 4,
     symmetric: bool = False,
+    offsets: bool = False,
+    lm_head_bits: int | None = None,
 ) -> QuantizeOptions:
     """Checked options, or a one-line error naming the bad one."""
     if method not in METHODS:
@@ -37,8 +39,21 @@ def quantize_options(
     check_block_size(block_size)
     if accuracy_level not in ACCURACY_LEVELS:
         raise LmexportError(f"accuracy level must be 0 to 4, got {accuracy_level}")
+    if lm_head_bits is not None and lm_head_bits not in METHODS.values():
+        raise LmexportError(f"LM head bits must be 4 or 8, got {lm_head_bits}")
+    if lm_head_bits is not None and not lm_head:
+        raise LmexportError("--lm-head-bits with --no-quantize-lm-head: the head stays float")
+    if symmetric and offsets:
+        raise LmexportError("--symmetric and --float-offsets are two different schemes: pick one")
     return QuantizeOptions(
-        METHODS[method], block_size, lm_head, embedding, accuracy_level, symmetric
+        METHODS[method],
+        block_size,
+        lm_head,
+        embedding,
+        accuracy_level,
+        symmetric,
+        offsets,
+        lm_head_bits if lm_head_bits is not None else METHODS[method],
     )
 
 
@@ -88,7 +103,9 @@ def quantization_record(
         "bits": options.bits,
         "block_size": options.block_size,
         "symmetric": options.symmetric,
+        "offsets": options.offsets,
         "lm_head": options.lm_head,
+        "lm_head_bits": options.lm_head_bits or options.bits,
         "embedding": options.embedding,
         "accuracy_level": options.accuracy_level,
         "ops": dict(sorted(ops.items())),

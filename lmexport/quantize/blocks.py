@@ -14,6 +14,14 @@ Layout (`com.microsoft::MatMulNBits`, and `GatherBlockQuantized` with uint8 data
 - zero points: uint8 [rows, ceil(n_blocks · bits / 8)], packed the same way per row, or none
   (symmetric: onnxruntime then takes 2^(bits-1), 8 for int4).
 A last block that runs past cols is padded with zeros, which quantize to the block's zero point.
+
+With `offsets`, a block is stored as GGUF's Q4_1 stores it, min + scale · code, with the min a
+float: the block's own range spread over 2^bits levels, and for weights that came from a Q4_1
+(or Q8_1) file, their grid exactly, which no integer zero point can land on. MatMulNBits has
+no float offset it runs fast (its float zero points take a slow path), so the codes go to it
+symmetric (implicit zero point 2^(bits-1)) and `offsets` [rows, n_blocks] holds each block's
+min + 2^(bits-1) · scale, which the graph adds as one small float MatMul on the input's block
+sums (quantize/graph.py).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class BlockQuantized:
     codes: np.ndarray  # uint8 [rows, n_blocks, block_size * bits // 8]
     scales: np.ndarray  # float [rows, n_blocks]
     zero_points: np.ndarray | None  # uint8 [rows, ceil(n_blocks * bits / 8)]; None: symmetric
+    offsets: np.ndarray | None  # float32 [rows, n_blocks], added to each block; None: none
     bits: int
     block_size: int
     cols: int
@@ -74,7 +83,11 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def quantize_blocks(
-    weight: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False
+    weight: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = False,
+    offsets: bool = False,
 ) -> BlockQuantized:
     """Quantize a [rows, cols] float array along cols.
 
@@ -82,7 +95,8 @@ def quantize_blocks(
     onnxruntime's implicit 2^(bits-1) is used): the block's largest-magnitude element m maps to
     code 0 exactly (scale = m / -2^(bits-1), so scales may be negative); the other side of zero
     has one level fewer, so elements beyond 2^(bits-1) - 1/2 steps there clip, up to |scale|
-    away; everything else is within |scale| / 2.
+    away; everything else is within |scale| / 2. Offsets: within scale / 2, the scale spanning
+    the block's own min..max; cols must be a whole number of blocks.
     """
     if bits not in BITS:
         raise LmexportError(f"bits must be one of {BITS}, got {bits}")
@@ -90,6 +104,8 @@ def quantize_blocks(
     if weight.ndim != 2 or not np.issubdtype(weight.dtype, np.floating):
         raise LmexportError(f"expected a 2-D float weight, got {weight.dtype}{list(weight.shape)}")
     rows, cols = weight.shape
+    if offsets:
+        return _quantize_with_offsets(weight, bits, block_size)
     n_blocks = -(-cols // block_size)
     w = np.zeros((rows, n_blocks * block_size), dtype=np.float32)
     w[:, :cols] = weight
@@ -112,6 +128,31 @@ def quantize_blocks(
         codes=_pack(codes, bits),
         scales=scales,
         zero_points=None if symmetric else _pack(zero.astype(np.uint8), bits),
+        offsets=None,
+        bits=bits,
+        block_size=block_size,
+        cols=cols,
+    )
+
+
+def _quantize_with_offsets(weight: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
+    rows, cols = weight.shape
+    if cols % block_size:
+        raise LmexportError(
+            f"float offsets need whole blocks: {cols} columns are not a multiple of {block_size}"
+        )
+    w = weight.astype(np.float32).reshape(rows, cols // block_size, block_size)
+    levels = (1 << bits) - 1
+    low = w.min(-1)
+    scales = ((w.max(-1) - low) / levels).astype(weight.dtype)
+    scale = scales.astype(np.float32)
+    safe = np.where(scale != 0, scale, 1.0)
+    codes = np.clip(np.round((w - low[..., None]) / safe[..., None]), 0, levels).astype(np.uint8)
+    return BlockQuantized(
+        codes=_pack(codes, bits),
+        scales=scales,
+        zero_points=None,
+        offsets=(low + scale * (1 << (bits - 1))).astype(np.float32),
         bits=bits,
         block_size=block_size,
         cols=cols,
@@ -127,4 +168,6 @@ def dequantize_blocks(q: BlockQuantized) -> np.ndarray:
         zero = _unpack(q.zero_points, q.bits, q.n_blocks).astype(np.float32)
     scale = q.scales.astype(np.float32)
     w = (codes - zero[..., None]) * scale[..., None]
+    if q.offsets is not None:
+        w = w + q.offsets[..., None]
     return w.reshape(q.rows, -1)[:, : q.cols]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +31,8 @@ class QuantizeOptions:
     embedding: bool = False
     accuracy_level: int = 4
     symmetric: bool = False
+    offsets: bool = False  # MatMuls only: float per-block mins (blocks.py), not zero points
+    lm_head_bits: int | None = None  # None: `bits`
 
 
 def _constant_2d(value: ir.Value | None) -> np.ndarray | None:
@@ -74,10 +77,59 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+def _replace(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
     ir.convenience.replace_nodes_and_values(
-        graph, old, [old], [new], list(old.outputs), list(new.outputs)
+        graph, old, [old], new, list(old.outputs), list(new[-1].outputs)
     )
+
+
+def _named(op: str, inputs: list[ir.Value], name: str, **attributes: Any) -> ir.Node:
+    """A node and its one output named after `name`: names that depend on nothing but the
+    weights' own, so a streamed export's graph is the in-memory one byte for byte."""
+    return ir.node(op, inputs, attributes, name=name, outputs=[ir.Value(name=name)])
+
+
+class _BlockSums:
+    """Per MatMul input and block size, the input summed over each block of its last axis
+    ([..., K] → [..., K / block]), built once and shared by the MatMuls that read it (q, k, v;
+    gate, up). Those nodes go in before the first such MatMul, ahead of every other."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._graph = graph
+        self._made: dict[tuple[int, int], ir.Value] = {}
+
+    def __call__(self, x: ir.Value, cols: int, block_size: int) -> tuple[ir.Value, list[ir.Node]]:
+        key = (id(x), block_size)
+        if key in self._made:
+            return self._made[key], []
+        stem = f"{x.name}_block{block_size}"
+        blocks = np.array([cols // block_size, block_size])
+        blocks_value = _initializer(self._graph, f"{stem}_shape", blocks)
+        axis = _initializer(self._graph, f"{stem}_axis", np.array([-1]))
+        nodes = [_named("Shape", [x], f"{stem}_lead", end=-1)]
+        nodes.append(_named("Concat", [nodes[-1].outputs[0], blocks_value], f"{stem}_dims", axis=0))
+        nodes.append(_named("Reshape", [x, nodes[-1].outputs[0]], f"{stem}_blocks"))
+        nodes.append(_named("ReduceSum", [nodes[-1].outputs[0], axis], f"{stem}_sums", keepdims=0))
+        self._made[key] = nodes[-1].outputs[0]
+        return self._made[key], nodes
+
+
+def _with_offsets(
+    graph: ir.Graph, nbits: ir.Node, q: BlockQuantized, stem: str, sums: _BlockSums
+) -> list[ir.Node]:
+    """MatMulNBits(x) + block_sums(x) @ offsetsᵀ: each block's float offset times the sum of
+    the inputs it multiplies. The Transpose is of a constant, folded when the session loads."""
+    assert q.offsets is not None
+    x = nbits.inputs[0]
+    assert x is not None
+    summed, nodes = sums(x, q.cols, q.block_size)
+    offsets = _initializer(graph, f"{stem}_offsets", q.offsets)
+    nbits.outputs[0].name = f"{stem}_q{q.bits}_out"
+    nodes.append(nbits)
+    nodes.append(_named("Transpose", [offsets], f"{stem}_offsets_t", perm=[1, 0]))
+    nodes.append(_named("MatMul", [summed, nodes[-1].outputs[0]], f"{stem}_offset_terms"))
+    nodes.append(_named("Add", [nbits.outputs[0], nodes[-1].outputs[0]], f"{stem}_with_offsets"))
+    return nodes
 
 
 def _matmul_nbits(
@@ -98,7 +150,7 @@ def _matmul_nbits(
         "accuracy_level": accuracy_level,
     }
     return ir.node(
-        "MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name}_q{q.bits}"
+        "MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name or stem}_q{q.bits}"
     )
 
 
@@ -119,14 +171,18 @@ def _gather_block_quantized(
         "block_size": q.block_size,
     }
     return ir.node(
-        "GatherBlockQuantized", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name}_q{q.bits}"
+        "GatherBlockQuantized",
+        inputs,
+        attributes,
+        domain=MS_DOMAIN,
+        name=f"{node.name or stem}_q{q.bits}",
     )
 
 
 def quantize_graph(
     model: ir.Model,
     options: QuantizeOptions,
-    quantize: Callable[[np.ndarray, int, int, bool], BlockQuantized] = quantize_blocks,
+    quantize: Callable[[np.ndarray, int, int, bool, bool], BlockQuantized] = quantize_blocks,
 ) -> Counter[str]:
     """Rewrite `model` in place; returns how many nodes became each quantized op.
 
@@ -135,6 +191,7 @@ def quantize_graph(
     """
     graph = model.graph
     head = lm_head_node(graph)
+    sums = _BlockSums(graph)
     done: Counter[str] = Counter()
     for node in list(graph):
         if node.domain != "":
@@ -144,8 +201,11 @@ def quantize_graph(
             if found is None:
                 continue
             weight, stem = found
-            q = quantize(weight, options.bits, options.block_size, options.symmetric)
-            _replace(graph, node, _matmul_nbits(graph, node, q, stem, options.accuracy_level))
+            bits = options.lm_head_bits if node is head and options.lm_head_bits else options.bits
+            q = quantize(weight, bits, options.block_size, options.symmetric, options.offsets)
+            nbits = _matmul_nbits(graph, node, q, stem, options.accuracy_level)
+            new = [nbits] if q.offsets is None else _with_offsets(graph, nbits, q, stem, sums)
+            _replace(graph, node, new)
             done["MatMulNBits"] += 1
         elif node.op_type == "Gather" and options.embedding:
             table = _constant_2d(node.inputs[0])
@@ -157,9 +217,9 @@ def quantize_graph(
                     f"the embedding's width {table.shape[1]} is not a multiple of the block size "
                     f"{options.block_size}; quantize without --quantize-embedding"
                 )
-            q = quantize(table, options.bits, options.block_size, options.symmetric)
+            q = quantize(table, options.bits, options.block_size, options.symmetric, False)
             stem = node.inputs[0].name or "embedding"  # type: ignore[union-attr]
-            _replace(graph, node, _gather_block_quantized(graph, node, q, stem))
+            _replace(graph, node, [_gather_block_quantized(graph, node, q, stem)])
             done["GatherBlockQuantized"] += 1
     if not done:
         raise LmexportError("the graph has no MatMul or Gather with a constant weight to quantize")

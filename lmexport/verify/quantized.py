@@ -31,12 +31,15 @@ from .report import Check
 COMPUTE_TOP1, COMPUTE_KL = 0.8, 0.05
 
 
-def _fake_quantized(weight: torch.Tensor, record: dict[str, Any]) -> nn.Parameter:
+def _fake_quantized(
+    weight: torch.Tensor, record: dict[str, Any], bits: int, offsets: bool
+) -> nn.Parameter:
     q = quantize_blocks(
         weight.detach().float().numpy(),
-        record["bits"],
+        bits,
         record["block_size"],
         bool(record.get("symmetric", False)),
+        offsets,
     )
     return nn.Parameter(torch.from_numpy(dequantize_blocks(q)).to(weight.dtype))
 
@@ -45,12 +48,14 @@ def _fake_quantized(weight: torch.Tensor, record: dict[str, Any]) -> nn.Paramete
 def apply_quantization(model: Llama, record: dict[str, Any]) -> None:
     """Quantize `model`'s weights in place as `record` (lmexport.json's `quantization`) says.
     New parameters, not copies, so a tied LM head and embedding come apart as in the graph."""
+    offsets = bool(record.get("offsets", False))  # MatMuls only, as quantize/graph.py does
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (name != "lm_head" or record["lm_head"]):
-            module.weight = _fake_quantized(module.weight, record)
+            bits = record.get("lm_head_bits", record["bits"]) if name == "lm_head" else None
+            module.weight = _fake_quantized(module.weight, record, bits or record["bits"], offsets)
     if record["embedding"]:
         embedding = model.model.embed_tokens
-        embedding.weight = _fake_quantized(embedding.weight, record)
+        embedding.weight = _fake_quantized(embedding.weight, record, record["bits"], False)
 
 
 def exact_runner(runner: LlamaRunner, folder: Path) -> LlamaRunner:
