@@ -191,6 +191,7 @@ def our_folders(source: str, root: Path) -> dict[str, Path]:
 
 def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -> None:
     print(f"\n## {label}\npreparing folders in {root} ...", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
     ours = our_folders(source, root)
     hf = hf_folder(source, ours["fp32"], root / "hf")
     peers = {p: genai_folder(hf, p, root / f"genai-{p}", args.threads) for p in ("fp32", "int4")}
@@ -198,6 +199,12 @@ def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -
     vocab = runners["fp32"].vocab_size
 
     loaded: list[Any] = []
+
+    def turn_taking(draft: str) -> list[LlamaRunner]:
+        """The fp32 target and a draft, loaded again with threads that do not spin."""
+        return [
+            LlamaRunner.load(ours[k], threads=args.threads, spinning=False) for k in ("fp32", draft)
+        ]
 
     def engines() -> Iterator[Any]:
         """Loaded one at a time, so that each one's peak RSS is taken before the next loads."""
@@ -208,14 +215,12 @@ def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -
             lambda: OrtEngine("ours int4 (float offsets, int8 head)", runners["int4-offsets"]),
             lambda: OrtEngine(
                 f"ours speculative (fp32 + int4 draft, k={args.draft_tokens})",
-                runners["fp32"],
-                runners["int4"],
+                *turn_taking("int4"),
                 args.draft_tokens,
             ),
             lambda: OrtEngine(
                 f"ours speculative (fp32 + int4 float-offsets draft, k={args.draft_tokens})",
-                runners["fp32"],
-                runners["int4-offsets"],
+                *turn_taking("int4-offsets"),
                 args.draft_tokens,
             ),
             lambda: GenaiEngine("onnxruntime-genai fp32", peers["fp32"]),

@@ -223,9 +223,9 @@ def bench(
 
     def engines() -> Iterator[Engine]:
         yield OrtEngine("ort", runner)
-        if draft is not None:
-            helper = LlamaRunner.load(draft, provider=provider, threads=threads)
-            yield OrtEngine("speculative", runner, helper, draft_tokens)
+        if draft is not None:  # a pair that takes turns, so threads that do not spin
+            pair = [LlamaRunner.load(f, provider, threads, spinning=False) for f in (folder, draft)]
+            yield OrtEngine("speculative", pair[0], pair[1], draft_tokens)
         if vs_torch:
             yield TorchEngine(runner.manifest, source, threads)
 

@@ -343,7 +343,8 @@ def generate(
     from .runtime import LlamaRunner, load_chat_template
 
     texts = [*prompts, *(_read_prompt_file(prompt_file) if prompt_file is not None else [])]
-    runner = LlamaRunner.load(folder, provider=provider)
+    # A target and its draft take turns: neither session's threads may spin (session.py).
+    runner = LlamaRunner.load(folder, provider=provider, spinning=draft is None)
     if provider == "auto" and runner.provider == "cpu":
         click.echo("lmexport: CUDA is not available here; running on the CPU", err=True)
     has_tokenizer = (folder / "tokenizer.json").is_file()
@@ -362,7 +363,7 @@ def generate(
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
-        draft=LlamaRunner.load(draft, provider=provider) if draft is not None else None,
+        draft=None if draft is None else LlamaRunner.load(draft, provider, spinning=False),
         draft_tokens=draft_tokens,
     )
     if tokenizer is None:

@@ -89,9 +89,11 @@ def test_float_offsets_on_fresh_weights_and_partial_blocks() -> None:
         quantize_blocks(w[:, :40], 4, 32, offsets=True)
 
 
-def test_float_offsets_graph_matches_dequantized_weights() -> None:
+@pytest.mark.parametrize("input_shape", [["b", "s", 96], None], ids=["known_rank", "unknown"])
+def test_float_offsets_graph_matches_dequantized_weights(input_shape: list[Any] | None) -> None:
     """MatMulNBits plus block sums times the offsets computes x @ dequantize(W) for a 3-D
-    input; two MatMuls of one input share its block sums."""
+    input, whether or not the graph knows its rank; two MatMuls of one input share its block
+    sums."""
     rng = np.random.default_rng(5)
     k, n = 96, 40
     weights = [rng.standard_normal((k, n)).astype(np.float32) + 0.5 for _ in range(2)]
@@ -100,7 +102,7 @@ def test_float_offsets_graph_matches_dequantized_weights() -> None:
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)],
         [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
     )
@@ -109,7 +111,8 @@ def test_float_offsets_graph_matches_dequantized_weights() -> None:
     )
     options = QuantizeOptions(accuracy_level=0, offsets=True)
     assert quantize_graph(model, options) == {"MatMulNBits": 2}
-    assert [node.op_type for node in model.graph].count("ReduceSum") == 1
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("ReduceSum") == 1 and ops.count("Shape") == (input_shape is None)
     proto = ir.serde.serialize_model(model)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for w, y in zip(weights, session.run(None, {"x": x}), strict=True):

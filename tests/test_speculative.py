@@ -71,6 +71,18 @@ def test_rolled_back_cache_holds_no_stale_entries(
     assert np.abs(got - fresh).max() <= 1e-5
 
 
+def test_turn_taking_sessions_do_not_spin(tiny_folder: Path, other_draft: Path) -> None:
+    """A target and draft loaded as `generate --draft` loads them: same tokens, and neither
+    session's threads spin between runs (they would hold the cores the other one needs)."""
+    spin = "session.intra_op.allow_spinning"
+    pair = [LlamaRunner.load(f, spinning=False) for f in (tiny_folder, other_draft)]
+    for runner in pair:
+        assert runner.session.get_session_options().get_session_config_entry(spin) == "0"
+    expected = LlamaRunner.load(tiny_folder).generate(PROMPT, 12, eos_token_id=[])
+    got = pair[0].generate(PROMPT, 12, eos_token_id=[], draft=pair[1])
+    assert np.array_equal(got, expected)
+
+
 def test_first_token_distribution_matches_target(tiny_folder: Path, other_draft: Path) -> None:
     """Over many seeds, the first sampled token follows the target's distribution, not the
     draft's (chi-square with a fixed seed set)."""

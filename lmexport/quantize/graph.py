@@ -103,12 +103,18 @@ class _BlockSums:
         if key in self._made:
             return self._made[key], []
         stem = f"{x.name}_block{block_size}"
-        blocks = np.array([cols // block_size, block_size])
-        blocks_value = _initializer(self._graph, f"{stem}_shape", blocks)
+        blocks = [cols // block_size, block_size]
         axis = _initializer(self._graph, f"{stem}_axis", np.array([-1]))
-        nodes = [_named("Shape", [x], f"{stem}_lead", end=-1)]
-        nodes.append(_named("Concat", [nodes[-1].outputs[0], blocks_value], f"{stem}_dims", axis=0))
-        nodes.append(_named("Reshape", [x, nodes[-1].outputs[0]], f"{stem}_blocks"))
+        nodes: list[ir.Node] = []
+        if x.shape is not None:  # a constant shape, 0 keeping each leading dimension
+            dims = np.array([0] * (len(x.shape) - 1) + blocks)
+            shape = _initializer(self._graph, f"{stem}_shape", dims)
+        else:
+            tail = _initializer(self._graph, f"{stem}_tail", np.array(blocks))
+            nodes.append(_named("Shape", [x], f"{stem}_lead", end=-1))
+            nodes.append(_named("Concat", [nodes[-1].outputs[0], tail], f"{stem}_dims", axis=0))
+            shape = nodes[-1].outputs[0]
+        nodes.append(_named("Reshape", [x, shape], f"{stem}_blocks"))
         nodes.append(_named("ReduceSum", [nodes[-1].outputs[0], axis], f"{stem}_sums", keepdims=0))
         self._made[key] = nodes[-1].outputs[0]
         return self._made[key], nodes

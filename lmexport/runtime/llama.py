@@ -36,6 +36,7 @@ class LlamaRunner:
         provider: str,
         threads: int | None,
         io_binding: bool | None = None,
+        spinning: bool = True,
     ):
         if manifest.get("arch") != "llama":
             raise LmexportError(f"{folder}: holds a {manifest.get('arch')!r} model, not a Llama")
@@ -47,7 +48,7 @@ class LlamaRunner:
         self.num_layers: int = int(self.config["num_hidden_layers"])
         self.vocab_size: int = int(self.config["vocab_size"])
         self.eos_token_ids: list[int] = list(self.config.get("eos_token_id") or [])
-        self.session = create_session(folder / MODEL_FILE, provider, threads)
+        self.session = create_session(folder / MODEL_FILE, provider, threads, spinning)
         self.provider = session_provider(self.session)  # what `auto` became
         self.io_binding = self.provider == "cuda" if io_binding is None else io_binding
         self._tokenizer: Any = None
@@ -65,10 +66,12 @@ class LlamaRunner:
         provider: str = "cpu",
         threads: int | None = None,
         io_binding: bool | None = None,
+        spinning: bool = True,
     ) -> LlamaRunner:
-        """provider: cpu, cuda or auto (CUDA if it can start, else CPU; `.provider` says which)."""
+        """provider: cpu, cuda or auto (CUDA if it can start, else CPU; `.provider` says which).
+        spinning: False for a target and its draft, which take turns (`create_session`)."""
         folder = Path(folder)
-        return cls(folder, read_manifest(folder), provider, threads, io_binding)
+        return cls(folder, read_manifest(folder), provider, threads, io_binding, spinning)
 
     @property
     def tokenizer(self) -> Any:

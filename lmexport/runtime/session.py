@@ -15,10 +15,18 @@ CHOICES = (*PROVIDERS, "auto")  # auto: CUDA when this onnxruntime can run it, e
 
 
 def create_session(
-    model_path: str | Path, provider: str = "cpu", threads: int | None = None
+    model_path: str | Path,
+    provider: str = "cpu",
+    threads: int | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """A session on `provider`; `threads` sets intra-op threads (None: onnxruntime's default).
-    `session_provider` says which one an `auto` session got."""
+    `session_provider` says which one an `auto` session got.
+
+    `spinning=False` stops the intra-op threads from spinning between runs. Spinning saves a
+    wake-up when one session runs step after step, but where two sessions take turns (a draft
+    and a target) each one's spinning threads hold the cores the other needs: speculative
+    SmolLM2-135M on 2 cores went from 25 to 41 tokens/s without it."""
     if provider not in CHOICES:
         raise LmexportError(f"unknown provider {provider!r} (choose from {', '.join(CHOICES)})")
     requested = provider
@@ -37,6 +45,8 @@ def create_session(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # TF32 matmuls (onnxruntime's CUDA default) cost fp32 graphs their 1e-4 parity: ~4e-3 seen.
     cuda_options = {"use_tf32": "0"}
     providers = (
