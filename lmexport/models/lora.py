@@ -15,7 +15,6 @@ trained biases, per-module ranks) are refused rather than merged wrongly.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..errors import SourceError
+from .checkpoints.hf import read_json
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -73,12 +73,7 @@ def read_config(folder: Path) -> Adapter:
         raise SourceError(f"{folder}: --adapter must be a folder ({CONFIG}, {WEIGHTS})")
     if not path.is_file():
         raise SourceError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(raw, dict):
-        raise SourceError(f"{path}: expected a JSON object")
+    raw = read_json(path)
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in raw]
     if missing:
         raise SourceError(f"{path}: missing keys {', '.join(missing)}")

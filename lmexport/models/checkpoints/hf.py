@@ -29,7 +29,7 @@ TOKENIZER_FILES = (
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -51,7 +51,7 @@ def read_config(folder: Path) -> LlamaConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise SourceError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    raw = _read_json(path)
+    raw = read_json(path)
     model_type = raw.get("model_type")
     if model_type not in LLAMA_MODEL_TYPES:
         raise SourceError(
@@ -72,7 +72,7 @@ def read_config(folder: Path) -> LlamaConfig:
     eos = _eos_ids(raw.get("eos_token_id"))
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        eos = eos or _eos_ids(_read_json(gen_path).get("eos_token_id"))
+        eos = eos or _eos_ids(read_json(gen_path).get("eos_token_id"))
     try:
         config = LlamaConfig(
             vocab_size=int(raw["vocab_size"]),
@@ -101,7 +101,7 @@ def read_config(folder: Path) -> LlamaConfig:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise SourceError(f"{index}: no weight_map")
         files = [folder / name for name in sorted(set(weight_map.values()))]

@@ -13,7 +13,6 @@ Both rotate (x[2i], x[2i+1]) pairs of each head (complex-number rotary); our mod
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from ...errors import SourceError
 from ..llama import Llama, LlamaConfig
+from .hf import read_json
 from .hornet import read_state_dict
 
 PARAMS = "params.json"
@@ -106,12 +106,7 @@ def intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | No
 
 def read_params(folder: Path) -> dict[str, Any]:
     path = folder / PARAMS
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(raw, dict):
-        raise SourceError(f"{path}: expected a JSON object")
+    raw = read_json(path)
     missing = [k for k in REQUIRED_PARAMS if k not in raw]
     if missing:
         raise SourceError(f"{path}: missing keys {', '.join(missing)}")
