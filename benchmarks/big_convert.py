@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lmexport.models.checkpoints.hf import hf_config_json
 from lmexport.models.checkpoints.lazy import expected_shapes
 from lmexport.models.llama import LlamaConfig
 
@@ -84,26 +85,6 @@ print(json.dumps({"load_seconds": load, "prefill_seconds": prefill, "decode_step
 """
 
 
-def config_json(config: LlamaConfig) -> dict[str, object]:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": False,
-        "bos_token_id": config.bos_token_id,
-        "torch_dtype": "bfloat16",
-    }
-
-
 def random_tensor(shape: tuple[int, ...], name: str, gen: torch.Generator) -> torch.Tensor:
     """bfloat16, generated a block of rows at a time (never the whole tensor in float32)."""
     out = torch.empty(shape, dtype=torch.bfloat16)
@@ -119,7 +100,11 @@ def random_tensor(shape: tuple[int, ...], name: str, gen: torch.Generator) -> to
 def write_checkpoint(folder: Path, config: LlamaConfig) -> int:
     """The folder, shard by shard; returns its parameter count."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config_json(config), indent=2))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {**hf_config_json(config, "bfloat16"), "bos_token_id": config.bos_token_id}, indent=2
+        )
+    )
     shapes = expected_shapes(config)
     shards: dict[str, list[str]] = {}
     for name in shapes:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from lmexport.cli import cli
+from lmexport.models.checkpoints.hf import hf_config_json
 from lmexport.models.llama import Llama, LlamaConfig, init_random
 
 SMALL = LlamaConfig(
@@ -47,30 +48,6 @@ def random_transformers_llama(**overrides: object) -> torch.nn.Module:
 
 def small_config(**changes: Any) -> LlamaConfig:
     return replace(SMALL, **changes)
-
-
-def hf_config_json(config: LlamaConfig) -> dict[str, Any]:
-    """config.json as transformers 4.x writes it (rope_theta + rope_scaling)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": config.rope_scaling,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": config.attention_bias,
-        "mlp_bias": config.mlp_bias,
-        "torch_dtype": "float32",
-    }
 
 
 def write_hf_folder(

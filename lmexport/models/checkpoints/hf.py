@@ -45,6 +45,31 @@ def _eos_ids(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
+def hf_config_json(config: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """config.json as transformers 4.x writes it (rope_theta + rope_scaling), what
+    `read_config` reads back: for test and benchmark checkpoints written from a config."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "torch_dtype": torch_dtype,
+    }
+
+
 def read_config(folder: Path) -> LlamaConfig:
     """A `LlamaConfig` from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x
     (`rope_parameters`) keys."""
