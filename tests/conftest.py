@@ -12,7 +12,8 @@ from helpers import CHATML_TEMPLATE, write_tokenizer
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """llama-tiny converted once (plain target, KV cache) for the tests that only read it."""
+    """llama-tiny converted once (default `ort` target, KV cache) for the tests that only read
+    it."""
     out = tmp_path_factory.mktemp("tiny") / "out"
     return lmexport.convert("llama-tiny", out)
 

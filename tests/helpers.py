@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
@@ -132,3 +133,12 @@ def write_tokenizer(folder: Path, vocab_size: int = 512, **config: Any) -> Any:
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return tokenizer
+
+
+def assert_no_training_outputs(model: onnx.ModelProto) -> None:
+    """Every SkipSimplifiedLayerNormalization leaves its mean and inverse standard deviation
+    unnamed (onnxruntime would compute them) and its residual sum read."""
+    norms = [n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert norms
+    for norm in norms:
+        assert norm.output[1] == norm.output[2] == "" and norm.output[3]

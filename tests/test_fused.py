@@ -13,6 +13,8 @@ import lmexport
 from lmexport.errors import LmexportError
 from lmexport.exporter import compat
 
+from helpers import assert_no_training_outputs
+
 LAYERS = 4  # llama-tiny
 
 
@@ -46,6 +48,7 @@ def test_ort_graph_shape(ort_folder: Path) -> None:
         assert produced_by[gqa.input[0]].op_type in ("MatMul", "Add")
         assert gqa.input[1] == gqa.input[2] == ""
         assert {gqa.input[3], gqa.input[4]} <= graph_inputs
+    assert_no_training_outputs(model)
     manifest = json.loads((ort_folder / "lmexport.json").read_text())
     assert manifest["target"] == "ort"
     assert manifest["passes"]["export"]["GroupQueryAttention"] == LAYERS

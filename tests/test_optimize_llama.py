@@ -16,7 +16,7 @@ import torch
 
 import lmexport
 
-from helpers import random_transformers_llama
+from helpers import assert_no_training_outputs, random_transformers_llama
 
 transformers = pytest.importorskip("transformers")
 LAYERS = 4  # llama-tiny
@@ -64,6 +64,7 @@ def test_plain_export_to_ort(
     counts = ops(fused)
     assert counts["GroupQueryAttention"] == LAYERS
     assert len(fused.graph.node) <= 1.2 * ort_node_counts[cache]
+    assert_no_training_outputs(fused)
     for op in ("Softmax", "Tile", "ReduceMean", "Pow"):
         assert counts[op] == 0, op
     producers = {o: n for n in fused.graph.node for o in n.output}

@@ -25,9 +25,9 @@ def other_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ort_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """llama-tiny's fused target: GroupQueryAttention keeps its own cache layout."""
-    return lmexport.convert("llama-tiny", tmp_path_factory.mktemp("ort") / "out", target="ort")
+def plain_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama-tiny's plain target: its cache grows by a Concat in the graph, never shared."""
+    return lmexport.convert("llama-tiny", tmp_path_factory.mktemp("plain") / "out", target="plain")
 
 
 @pytest.mark.parametrize("draft_kind", ["same", "other"])
@@ -51,22 +51,26 @@ def test_greedy_equals_target(
         assert big == sequence - 1 and small <= sequence - 1
 
 
-@pytest.mark.parametrize("fixture", ["tiny_folder", "ort_folder"])
+@pytest.mark.parametrize("fixture", ["tiny_folder", "plain_folder"])
+@pytest.mark.parametrize("shared", [False, True])
 def test_rolled_back_cache_holds_no_stale_entries(
-    fixture: str, request: pytest.FixtureRequest
+    fixture: str, shared: bool, request: pytest.FixtureRequest
 ) -> None:
     """After proposals are cut back and others fed in their place, the cache is exactly the
-    one a fresh run over the final sequence builds: same length, same logits."""
-    runner = LlamaRunner.load(request.getfixturevalue(fixture))
+    one a fresh run over the final sequence builds: same length, same logits. Numpy caches are
+    sliced; a shared buffer only forgets its length and the next step overwrites the slots."""
+    runner = LlamaRunner.load(request.getfixturevalue(fixture), io_binding=shared)
     prompt = PROMPT[0]
-    rolled = _Model(runner)
+    rolled = _Model(runner, capacity=16)
+    assert (rolled.bound is not None) == (shared and fixture == "tiny_folder")
     rolled.feed([*prompt, 7, 8, 9, 10])  # four proposals
     rolled.keep(len(prompt) + 1)  # one accepted
-    assert rolled.cache is not None
-    assert all(c.shape[2] == len(prompt) + 1 for c in rolled.cache)
+    cache = rolled.bound.host_copy() if rolled.bound is not None else rolled.cache
+    assert cache is not None
+    assert all(c.shape[2] == len(prompt) + 1 for c in cache)
     final = [*prompt, 7, 21, 22]  # the rejected ones replaced
     got = rolled.feed(final)
-    fresh = _Model(runner).feed(final)[-2:]
+    fresh = _Model(runner, capacity=16).feed(final)[-2:]
     assert got.shape == fresh.shape
     assert np.abs(got - fresh).max() <= 1e-5
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..models.llama import Llama
 from .fused import FusedLlama
 from .quiet import quiet_export
+from .unused_outputs import drop_unused_outputs
 
 # Default-domain opset of each target's graph: the fused targets need 23 for RMSNormalization,
 # RotaryEmbedding and Attention.
@@ -62,6 +63,7 @@ def export_llama(
     """
     proto = export_program(model, target, kv_cache, rotary).model_proto
     name_total_sequence(proto)
+    drop_unused_outputs(proto)
     return proto
 
 

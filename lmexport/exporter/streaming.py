@@ -41,6 +41,7 @@ from .llama import OPSETS, graph_io, name_total_sequence
 from .progress import Phase, Progress, human_bytes
 from .skeleton import Skeleton, trace_skeleton
 from .stand_in_quantize import StandInQuantizer
+from .unused_outputs import drop_unused_outputs
 from .weights_file import CHUNK_BYTES, DataFile, QuantizedWeight, write_quantized, write_recipe
 
 DATA_FILE = MODEL_FILE + ".data"
@@ -94,6 +95,7 @@ def convert_streaming(
         with progress.phase("save"):
             proto = ir.serde.serialize_model(skeleton.model)
             name_total_sequence(proto)
+            drop_unused_outputs(proto)
             path = stage / MODEL_FILE
             try:
                 onnx.save_model(proto, str(path))

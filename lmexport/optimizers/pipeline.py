@@ -15,6 +15,7 @@ from onnxscript import version_converter
 from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRule, pattern
 
 from ..errors import LmexportError
+from ..exporter.unused_outputs import drop_unused_outputs
 from . import attention, gqa, qkv_pack, rms_norm, rotary, silu, skip_rms_norm
 from .report import Fusion, Report
 
@@ -53,7 +54,9 @@ def optimize_model(
         version_converter.convert_version(graph, OPSET, fallback=True)
     done = [_fuse(name, rules, graph) for name, rules in fusions(target, max_positions)]
     onnxscript.optimizer.optimize(graph)
-    return ir.serde.serialize_model(graph), Report(done, nodes_before, len(graph.graph))
+    fused = ir.serde.serialize_model(graph)
+    drop_unused_outputs(fused)
+    return fused, Report(done, nodes_before, len(graph.graph))
 
 
 def _fuse(name: str, rules: pattern.RewriteRuleSet, graph: ir.Model) -> Fusion:

@@ -23,10 +23,13 @@ from .tokenizer import load_tokenizer
 class LlamaRunner:
     """One onnxruntime session over a `convert` output folder.
 
-    The cache is a list of numpy arrays, [batch, kv_heads, length, head_dim] per layer and K/V:
-    what the graph returns as `present.*` is fed back as `past_key_values.*` at the next step.
-    With `io_binding` (the default on CUDA) generation keeps it on the device instead
-    (`device_cache.DeviceCache`); `forward` and speculative decoding always use numpy.
+    `forward` takes and returns the cache as numpy arrays, [batch, kv_heads, length, head_dim]
+    per layer and K/V: what the graph returns as `present.*` is fed back as `past_key_values.*`.
+    With `io_binding` generation keeps it bound instead (`device_cache.DeviceCache`): on CUDA
+    (the default there) so that it stays on the device; on the CPU (the default for `ort`
+    graphs) in one preallocated buffer per layer and K/V that GroupQueryAttention reads as past
+    and writes as present, which saves every step's cache copy and allocation (SmolLM2-135M
+    int4: 90 to 104 tokens/s on 2 threads) and makes a speculative rollback free.
     """
 
     def __init__(
@@ -50,7 +53,11 @@ class LlamaRunner:
         self.eos_token_ids: list[int] = list(self.config.get("eos_token_id") or [])
         self.session = create_session(folder / MODEL_FILE, provider, threads, spinning)
         self.provider = session_provider(self.session)  # what `auto` became
-        self.io_binding = self.provider == "cuda" if io_binding is None else io_binding
+        # GroupQueryAttention on the CPU writes new keys in place into a shared past/present
+        # buffer; CUDA keeps the growing cache it was checked with on a GPU.
+        self.shares_cache = self._gqa and self.provider == "cpu"
+        default_binding = self.provider == "cuda" or self.shares_cache
+        self.io_binding = default_binding if io_binding is None else io_binding
         self._tokenizer: Any = None
         self._past_names = [i.name for i in self.session.get_inputs()][2:]
         past_type = self.session.get_inputs()[-1].type if self._past_names else "tensor(float)"
@@ -127,9 +134,14 @@ class LlamaRunner:
         shape = (batch, int(self.config["num_key_value_heads"]), 0, int(self.config["head_dim"]))
         return [np.zeros(shape, dtype=self.cache_dtype) for _ in self._past_names]
 
-    def device_cache(self, batch: int) -> DeviceCache:
-        """A cache that stays bound on the session's device between steps."""
-        return DeviceCache(self.session, self.empty_cache(batch), self.provider)
+    def device_cache(self, batch: int, capacity: int | None = None) -> DeviceCache:
+        """A cache that stays bound on the session's device between steps: preallocated for
+        `capacity` positions and shared by past and present where `shares_cache`, else grown
+        by each step."""
+        shared = capacity if self.shares_cache else None
+        return DeviceCache(
+            self.session, self.empty_cache(batch), self.provider, self.vocab_size, capacity=shared
+        )
 
     # -- forwards ------------------------------------------------------------------------------
 
@@ -305,7 +317,8 @@ class LlamaRunner:
     ) -> Iterator[np.ndarray]:
         done = np.zeros(ids.shape[0], dtype=bool)
         past: list[np.ndarray] | None = None
-        bound = self.device_cache(len(ids)) if self.io_binding and self.kv_cache else None
+        capacity = ids.shape[1] + max_new_tokens
+        bound = self.device_cache(len(ids), capacity) if self.io_binding and self.kv_cache else None
         step_ids, seen = ids, ids
         # Left padding is not a token the model saw: the penalty sees the row's first real one.
         first_real = ids[np.arange(len(ids)), mask.argmax(-1)][:, None]

@@ -37,10 +37,14 @@ class SpeculativeStats:
 
 
 class _Model:
-    """One runner with its cache, fed whatever part of the sequence it has not seen."""
+    """One runner with its cache, fed whatever part of the sequence it has not seen: a shared
+    buffer of `capacity` positions where the runner binds one (cut back for free), else numpy
+    arrays (cut back by slicing)."""
 
-    def __init__(self, runner: LlamaRunner) -> None:
+    def __init__(self, runner: LlamaRunner, capacity: int) -> None:
         self.runner = runner
+        shared = runner.io_binding and runner.shares_cache
+        self.bound = runner.device_cache(1, capacity) if shared else None
         self.cache: list[np.ndarray] | None = None
         self.length = 0  # tokens in the cache
 
@@ -48,15 +52,22 @@ class _Model:
         """Logits [n_new, vocab] for the tokens of `sequence` past the cache."""
         new = np.array([sequence[self.length :]], dtype=np.int64)
         mask = np.ones((1, len(sequence)), dtype=np.int64)
-        logits, self.cache = self.runner.forward(new, mask, self.cache)
+        if self.bound is not None:
+            logits = self.bound.step(new, mask)
+        else:
+            logits, self.cache = self.runner.forward(new, mask, self.cache)
         self.length = len(sequence)
         return logits[0]
 
     def keep(self, length: int) -> None:
         """Forget every cached token past `length` (rejected proposals)."""
-        if self.cache is not None and length < self.length:
+        if length >= self.length:
+            return
+        if self.bound is not None:
+            self.bound.keep(length)
+        elif self.cache is not None:
             self.cache = [c[:, :, :length] for c in self.cache]
-            self.length = length
+        self.length = length
 
 
 def _distribution(logits: np.ndarray, sampling: Sampling, seen: list[int]) -> np.ndarray:
@@ -95,7 +106,8 @@ def speculative_stream(
     if k < 1:
         raise RuntimeInputError("the draft must propose at least 1 token")
     stats = stats if stats is not None else SpeculativeStats()
-    big, small = _Model(target), _Model(draft)
+    capacity = len(prompt) + max_new_tokens
+    big, small = _Model(target, capacity), _Model(draft, capacity)
     sequence = list(prompt)
     produced = 0
     while produced < max_new_tokens:
