@@ -17,9 +17,9 @@ OPTIONAL_OUTPUTS = {
 }
 
 
-def drop_unused_outputs(model: onnx.ModelProto) -> int:
+def drop_unused_outputs(model: onnx.ModelProto) -> None:
     """Unname the optional outputs of OPTIONAL_OUTPUTS that no node or graph output reads (and
-    drop their value_info), in place; returns how many."""
+    drop their value_info), in place."""
     graph = model.graph
     read = {name for node in graph.node for name in node.input}
     read |= {output.name for output in graph.output}
@@ -32,4 +32,3 @@ def drop_unused_outputs(model: onnx.ModelProto) -> int:
     kept = [info for info in graph.value_info if info.name not in dropped]
     del graph.value_info[:]
     graph.value_info.extend(kept)
-    return len(dropped)
