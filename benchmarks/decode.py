@@ -72,14 +72,14 @@ class TransformersEngine:
 
     @torch.no_grad()
     def prefill(self, prompt: np.ndarray) -> None:
-        self.model(torch.from_numpy(prompt[None]), use_cache=True)
+        self.model(torch.from_numpy(prompt[None]), use_cache=True, logits_to_keep=1)
 
     @torch.no_grad()
     def stream(self, prompt: np.ndarray, new_tokens: int) -> Iterator[int]:
         x = torch.from_numpy(prompt[None])
         cache = None
         for _ in range(new_tokens):
-            out = self.model(x, cache=cache, use_cache=True)
+            out = self.model(x, cache=cache, use_cache=True, logits_to_keep=1)
             cache = out.cache
             x = out.logits[:, -1:].argmax(-1)
             yield int(x[0, 0])

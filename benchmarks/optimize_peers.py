@@ -56,7 +56,9 @@ PEERS: list[tuple[str, Callable[[onnx.ModelProto, dict], onnx.ModelProto]]] = [
 def feeds(model: onnx.ModelProto, config: dict, prompt: int) -> dict[str, np.ndarray]:
     ids = np.random.default_rng(0).integers(0, config["vocab_size"], size=(1, prompt))
     out = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for i in model.graph.input[2:]:
+    for i in model.graph.input:  # not `logits_to_keep`: every graph computes all logits here
+        if not i.name.startswith("past_key_values."):
+            continue
         shape = (1, config["num_key_value_heads"], 0, config["head_dim"])
         out[i.name] = np.zeros(shape, np.float32)
     return out

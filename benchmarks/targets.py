@@ -60,11 +60,11 @@ def measure(
     runner = LlamaRunner.load(folder, threads=threads)
     ids = np.random.default_rng(0).integers(0, runner.vocab_size, size=(1, prompt_len))
     mask = np.ones_like(ids)
-    runner.forward(ids, mask, None)  # warm-up
+    runner.forward(ids, mask, None, keep=1)  # warm-up; the last logits, as generation asks
     prefill = []
     for _ in range(repeats):
         start = time.perf_counter()
-        runner.forward(ids, mask, None)
+        runner.forward(ids, mask, None, keep=1)
         prefill.append(time.perf_counter() - start)
     decode = []
     for _ in range(max(1, repeats // 3)):

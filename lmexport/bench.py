@@ -46,7 +46,7 @@ class Engine(Protocol):
 @dataclass
 class EngineFigures:
     name: str
-    prefill_ms: float  # one forward over the prompt, empty cache
+    prefill_ms: float  # one forward over the prompt, empty cache, the last logits only
     ttft_ms: float  # from the call to the first generated token (prefill + choosing it)
     decode_tokens_per_s: float  # tokens after the first, over the time they took
     peak_rss_mb: float  # the process's peak once this engine ran (engines load in turn)
@@ -118,7 +118,7 @@ class OrtEngine:
         self.stats = SpeculativeStats()
 
     def prefill(self, prompt: np.ndarray) -> None:
-        self.runner.forward(prompt[None], np.ones((1, len(prompt)), np.int64), None)
+        self.runner.forward(prompt[None], np.ones((1, len(prompt)), np.int64), None, keep=1)
 
     def stream(self, prompt: np.ndarray, new_tokens: int) -> Iterator[int]:
         steps = self.runner.stream(
@@ -152,7 +152,7 @@ class TorchEngine:
 
     def prefill(self, prompt: np.ndarray) -> None:
         with self.torch.no_grad():
-            self.model(self.torch.from_numpy(prompt[None]), None)
+            self.model(self.torch.from_numpy(prompt[None]), None, logits_to_keep=1)
 
     def stream(self, prompt: np.ndarray, new_tokens: int) -> Iterator[int]:
         torch = self.torch
@@ -161,7 +161,7 @@ class TorchEngine:
         cache = None
         with torch.no_grad():
             for _ in range(new_tokens):
-                logits, cache = self.model(x, mask, cache)
+                logits, cache = self.model(x, mask, cache, logits_to_keep=1)
                 x = logits[:, -1].argmax(-1, keepdim=True)
                 mask = torch.cat([mask, torch.ones_like(x)], dim=1)
                 yield int(x[0, 0])

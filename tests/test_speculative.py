@@ -63,14 +63,14 @@ def test_rolled_back_cache_holds_no_stale_entries(
     prompt = PROMPT[0]
     rolled = _Model(runner, capacity=16)
     assert (rolled.bound is not None) == (shared and fixture == "tiny_folder")
-    rolled.feed([*prompt, 7, 8, 9, 10])  # four proposals
+    rolled.feed([*prompt, 7, 8, 9, 10], 5)  # four proposals
     rolled.keep(len(prompt) + 1)  # one accepted
     cache = rolled.bound.host_copy() if rolled.bound is not None else rolled.cache
     assert cache is not None
     assert all(c.shape[2] == len(prompt) + 1 for c in cache)
     final = [*prompt, 7, 21, 22]  # the rejected ones replaced
-    got = rolled.feed(final)
-    fresh = _Model(runner, capacity=16).feed(final)[-2:]
+    got = rolled.feed(final, 2)
+    fresh = _Model(runner, capacity=16).feed(final, 2)
     assert got.shape == fresh.shape
     assert np.abs(got - fresh).max() <= 1e-5
 

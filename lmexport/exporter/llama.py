@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..models.llama import Llama
 from .fused import FusedLlama
+from .logits_to_keep import add_logits_to_keep
 from .quiet import quiet_export
 from .unused_outputs import drop_unused_outputs
 
@@ -61,7 +62,9 @@ def export_llama(
     `plain` traces the eager modules into primitive ops; `ort` and `onnx` trace `FusedLlama`
     (`rotary` is its choice of where the `ort` graph rotates).
     """
-    proto = export_program(model, target, kv_cache, rotary).model_proto
+    program = export_program(model, target, kv_cache, rotary)
+    add_logits_to_keep(program.model)
+    proto = program.model_proto
     name_total_sequence(proto)
     drop_unused_outputs(proto)
     return proto

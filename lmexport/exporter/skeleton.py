@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ..models.llama import Llama, LlamaConfig, rope_inv_freq
 from .llama import export_program
+from .logits_to_keep import add_logits_to_keep
 
 # Weights up to this many elements are read before the optimizer runs; the optimizer folds
 # constants up to 8192 elements and deduplicates them up to 1024.
@@ -169,6 +170,7 @@ def trace_skeleton(
                 f"streaming export: the optimizer made {value.name} from {made_from.sources} in "
                 "a way the weight writer cannot replay"
             )
+    add_logits_to_keep(program.model)
     return Skeleton(program.model, recipes)
 
 

@@ -212,10 +212,13 @@ class Llama(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         past_key_values: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[Tensor, KVCache]:
         """Logits [batch, seq, vocab] (fp32) and the updated cache.
 
         `attention_mask` covers past and new tokens, [batch, past + seq], 0 on left padding.
+        `logits_to_keep` > 0: logits of the last that many positions only, as the exported
+        graph's input of that name (the LM head skips the others).
         """
         b, s = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
@@ -241,6 +244,8 @@ class Llama(nn.Module):
             past = past_key_values[i] if past_key_values else None
             x, present = layer(x, cos, sin, mask, past)
             presents.append(present)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.model.norm(x)).float()
         return logits, presents
 

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from ..errors import LmexportError
 from ..onnx_files import load_onnx, save_onnx
 from ..quantize import QuantizeOptions, as_options, check_quantizable, quantize_into
+from ..runtime.session import QUIET
 from .hornet_pipeline import is_image_model, optimize_image_model
 from .pipeline import optimize_model
 from .report import Report
@@ -65,6 +66,7 @@ def _generated_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     options = ort.SessionOptions()
+    options.log_severity_level = QUIET
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
     return session.run(None, feeds)

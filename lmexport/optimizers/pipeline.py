@@ -8,6 +8,10 @@ matches there is exactly what `check()` turned down.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -22,6 +26,9 @@ from .report import Fusion, Report
 OPSET = 23
 TARGETS = ("ort", "onnx")
 MAX_POSITIONS = 8192  # rows of the rotary cos/sin caches when the graph computes its angles
+# onnx_ir warns whenever its deduplication leaves out an initializer that is also a graph input,
+# as our Llama graphs' overridable `logits_to_keep` is, on purpose.
+_DEDUPLICATION_LOG = "onnx_ir.passes.common.initializer_deduplication"
 
 
 def fusions(target: str, max_positions: int) -> list[tuple[str, pattern.RewriteRuleSet]]:
@@ -49,14 +56,26 @@ def optimize_model(
         raise LmexportError(f"unknown optimize target {target!r} (choose from ort, onnx)")
     graph = ir.serde.deserialize_model(model)
     nodes_before = len(graph.graph)
-    onnxscript.optimizer.optimize(graph)
-    if graph.opset_imports.get("", OPSET) < OPSET:
-        version_converter.convert_version(graph, OPSET, fallback=True)
-    done = [_fuse(name, rules, graph) for name, rules in fusions(target, max_positions)]
-    onnxscript.optimizer.optimize(graph)
+    with _errors_only(_DEDUPLICATION_LOG):
+        onnxscript.optimizer.optimize(graph)
+        if graph.opset_imports.get("", OPSET) < OPSET:
+            version_converter.convert_version(graph, OPSET, fallback=True)
+        done = [_fuse(name, rules, graph) for name, rules in fusions(target, max_positions)]
+        onnxscript.optimizer.optimize(graph)
     fused = ir.serde.serialize_model(graph)
     drop_unused_outputs(fused)
     return fused, Report(done, nodes_before, len(graph.graph))
+
+
+@contextlib.contextmanager
+def _errors_only(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _fuse(name: str, rules: pattern.RewriteRuleSet, graph: ir.Model) -> Fusion:

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from ..onnx_files import save_onnx
+from ..runtime.session import QUIET
 from ..verify.metrics import kl_divergence, top1_agreement
 
 # With a tokenizer the prompts are text; without one, seeded random ids of PROMPT_LENGTH.
@@ -47,6 +48,7 @@ class _Session:
 
     def __init__(self, model: onnx.ModelProto, threads: int | None) -> None:
         options = ort.SessionOptions()
+        options.log_severity_level = QUIET
         if threads is not None:
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]

@@ -12,6 +12,11 @@ memory on both sides and writes only the new tokens into it (as onnxruntime-gena
 `past_present_share_buffer` does), so no step allocates or copies a cache, and cutting it back
 (`keep`) is free. The valid length is the attention mask's: GroupQueryAttention reads slots
 [0, mask length) and writes the new tokens at the end of them.
+
+The first step (the prompt) runs through `session.run` instead: it is the run with many
+positions, where the graph's `logits_to_keep` input saves the LM head over all but the last
+ones, and onnxruntime cannot bind that input (an overridable initializer) through IO binding.
+Its cache then moves into place, onto the device or into the shared buffers' first slots.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import RuntimeInputError
+from .manifest import LOGITS_TO_KEEP
 
 
 class DeviceCache:
@@ -45,30 +51,20 @@ class DeviceCache:
         self.past_names = [i.name for i in session.get_inputs()][2:]
         self.logits_name, self.present_names = outputs[0], outputs[1:]
         self.length = 0  # cached positions
-        # The prefill's zero-length past is bound from the host: no device buffer of size 0.
-        self._empty = empty_past
+        self._empty = empty_past  # the first step's past, of length 0
         self.past: list[ort.OrtValue] | None = None
+        overridable = {i.name for i in session.get_overridable_initializers()}
+        self.keeps_logits = LOGITS_TO_KEEP in overridable
         self._binding = session.io_binding()
         # Outputs come back in binding order (the logits first). An output that onnxruntime
         # allocated stays bound, and a next run of another shape would refuse to reuse it, so
         # `step` binds the logits and growing presents afresh.
         self._binding.bind_output(self.logits_name, "cpu")
-        if capacity is not None:
-            batch, heads, _, head_dim = empty_past[0].shape
-            self.past = [
-                ort.OrtValue.ortvalue_from_shape_and_type(
-                    [batch, heads, capacity, head_dim], empty_past[0].dtype, device, device_id
-                )
-                for _ in self.past_names
-            ]
-            names = zip(self.past_names, self.present_names, self.past, strict=True)
-            for past_name, present_name, buffer in names:
-                self._binding.bind_ortvalue_input(past_name, buffer)
-                self._binding.bind_ortvalue_output(present_name, buffer)
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, keep: int = 0) -> np.ndarray:
         """Run the new tokens (mask over past + new) and keep the grown cache bound on the
-        device; returns logits [batch, sequence, vocab] as float32 on the host."""
+        device; returns logits [batch, sequence, vocab] as float32 on the host, of the last
+        `keep` positions only when `keep` > 0."""
         total = attention_mask.shape[1]
         if total != self.length + input_ids.shape[1]:
             raise RuntimeInputError(
@@ -77,30 +73,54 @@ class DeviceCache:
             )
         if self.capacity is not None and total > self.capacity:
             raise RuntimeInputError(f"{total} positions exceed the cache's {self.capacity}")
-        binding = self._binding
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input(
-            "attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64)
-        )
-        if self.capacity is None:
-            binding.bind_output(self.logits_name, "cpu")
-            for name in self.present_names:
-                binding.bind_output(name, self.device, self.device_id)
-            if self.past is None:
-                for name, empty in zip(self.past_names, self._empty, strict=True):
-                    binding.bind_cpu_input(name, empty)
-            else:
-                for name, value in zip(self.past_names, self.past, strict=True):
-                    binding.bind_ortvalue_input(name, value)
-        else:  # the cache is in place already: the logits land in a host array, no fetching
-            logits = np.empty((*input_ids.shape, self.vocab_size), self._logits_dtype)
-            binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
-        self.session.run_with_iobinding(binding)
-        if self.capacity is None:
-            fetched, *self.past = binding.get_outputs()
-            logits = fetched.numpy()
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        logits = self._first(ids, mask, keep) if self.length == 0 else self._next(ids, mask)
         self.length = total
-        return logits.astype(np.float32, copy=False)
+        return (logits[:, -keep:] if keep else logits).astype(np.float32, copy=False)
+
+    def _first(self, ids: np.ndarray, mask: np.ndarray, keep: int) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        feeds.update(zip(self.past_names, self._empty, strict=True))
+        if keep and self.keeps_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(keep, dtype=np.int64)
+        logits, *present = self.session.run(None, feeds)
+        if self.capacity is None:
+            self.past = [
+                ort.OrtValue.ortvalue_from_numpy(p, self.device, self.device_id) for p in present
+            ]
+            return logits
+        self.past = []
+        for past_name, present_name, cache in zip(
+            self.past_names, self.present_names, present, strict=True
+        ):
+            batch, heads, length, head_dim = cache.shape
+            buffer = np.zeros((batch, heads, self.capacity, head_dim), cache.dtype)
+            buffer[:, :, :length] = cache
+            # On the CPU the OrtValue is the numpy buffer itself, not a copy.
+            value = ort.OrtValue.ortvalue_from_numpy(buffer, self.device, self.device_id)
+            self._binding.bind_ortvalue_input(past_name, value)
+            self._binding.bind_ortvalue_output(present_name, value)
+            self.past.append(value)
+        return logits
+
+    def _next(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        binding = self._binding
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self.capacity is not None:  # the cache is in place: the logits land in a host array
+            logits = np.empty((*ids.shape, self.vocab_size), self._logits_dtype)
+            binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
+            self.session.run_with_iobinding(binding)
+            return logits
+        binding.bind_output(self.logits_name, "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device, self.device_id)
+        for name, value in zip(self.past_names, self.past or [], strict=True):
+            binding.bind_ortvalue_input(name, value)
+        self.session.run_with_iobinding(binding)
+        fetched, *self.past = binding.get_outputs()
+        return fetched.numpy()
 
     def keep(self, length: int) -> None:
         """Forget every cached position past `length` (a shared buffer only: its next step

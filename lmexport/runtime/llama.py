@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import LmexportError, RuntimeInputError
 from .batching import is_ragged, left_pad
 from .device_cache import DeviceCache
-from .manifest import MODEL_FILE, read_manifest
+from .manifest import LOGITS_TO_KEEP, MODEL_FILE, read_manifest
 from .sampling import Sampling, choose
 from .session import create_session, session_provider
 from .speculative import SpeculativeStats, speculative_stream
@@ -60,6 +60,8 @@ class LlamaRunner:
         self.io_binding = default_binding if io_binding is None else io_binding
         self._tokenizer: Any = None
         self._past_names = [i.name for i in self.session.get_inputs()][2:]
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.keeps_logits = LOGITS_TO_KEEP in overridable  # folders exported before it lack it
         past_type = self.session.get_inputs()[-1].type if self._past_names else "tensor(float)"
         cache_dtype = past_type[len("tensor(") : -1]
         if self.kv_cache and cache_dtype not in ("float", "float16"):
@@ -146,16 +148,24 @@ class LlamaRunner:
     # -- forwards ------------------------------------------------------------------------------
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        past: list[np.ndarray] | None,
+        keep: int = 0,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One graph run: logits [batch, seq, vocab] (float32) and the new cache."""
+        """One graph run: logits [batch, seq, vocab] (float32), of the last `keep` positions
+        only when `keep` > 0 (the graph's LM head skips the others), and the new cache."""
         rows, length = input_ids.shape
         if self._gqa and past is not None and rows > 1 and length > 1 and past[0].shape[2] > 0:
             # GroupQueryAttention takes several new tokens over a cache for one row at a time
             # (without its optional query_seqlens input, which onnxruntime 1.31 lacks).
             runs = [
                 self.forward(
-                    input_ids[r : r + 1], attention_mask[r : r + 1], [p[r : r + 1] for p in past]
+                    input_ids[r : r + 1],
+                    attention_mask[r : r + 1],
+                    [p[r : r + 1] for p in past],
+                    keep,
                 )
                 for r in range(rows)
             ]
@@ -165,7 +175,10 @@ class LlamaRunner:
         if self.kv_cache:
             past = past if past is not None else self.empty_cache(input_ids.shape[0])
             feeds.update(zip(self._past_names, past, strict=True))
+        if keep and self.keeps_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(keep, dtype=np.int64)
         logits, *present = self.session.run(None, feeds)
+        logits = logits[:, -keep:] if keep else logits
         return logits.astype(np.float32, copy=False), present
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
@@ -325,11 +338,11 @@ class LlamaRunner:
         penalized = np.where(mask.astype(bool), ids, first_real)
         for _ in range(max_new_tokens):
             if bound is not None:
-                logits = bound.step(step_ids, mask)
+                logits = bound.step(step_ids, mask, keep=1)
             elif self.kv_cache:
-                logits, past = self.forward(step_ids, mask, past)
+                logits, past = self.forward(step_ids, mask, past, keep=1)
             else:
-                logits, _ = self.forward(seen, mask, None)
+                logits, _ = self.forward(seen, mask, None, keep=1)
             nxt = choose(logits[:, -1], sampling, rng, penalized)
             nxt = np.where(done, seen[:, -1], nxt)
             ended = np.isin(nxt, list(stops))

@@ -10,6 +10,9 @@ from ..errors import LmexportError
 
 MANIFEST = "lmexport.json"
 MODEL_FILE = "model.onnx"
+# The Llama graph input that limits the LM head to the last n positions, 0 meaning all
+# (exporter/logits_to_keep.py).
+LOGITS_TO_KEEP = "logits_to_keep"
 SUPPORTED_FORMAT = 1
 
 

@@ -12,6 +12,9 @@ from ..errors import LmexportError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CHOICES = (*PROVIDERS, "auto")  # auto: CUDA when this onnxruntime can run it, else the CPU
+# Errors only: at every load onnxruntime warns that a Llama graph's `logits_to_keep`, an
+# initializer callers may override (on purpose), will not be folded as a constant.
+QUIET = 3
 
 
 def create_session(
@@ -45,6 +48,7 @@ def create_session(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = QUIET
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # TF32 matmuls (onnxruntime's CUDA default) cost fp32 graphs their 1e-4 parity: ~4e-3 seen.

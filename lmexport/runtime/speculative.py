@@ -48,14 +48,15 @@ class _Model:
         self.cache: list[np.ndarray] | None = None
         self.length = 0  # tokens in the cache
 
-    def feed(self, sequence: list[int]) -> np.ndarray:
-        """Logits [n_new, vocab] for the tokens of `sequence` past the cache."""
+    def feed(self, sequence: list[int], keep: int) -> np.ndarray:
+        """Logits [keep, vocab] for the last `keep` tokens of `sequence`, after running those
+        past the cache."""
         new = np.array([sequence[self.length :]], dtype=np.int64)
         mask = np.ones((1, len(sequence)), dtype=np.int64)
         if self.bound is not None:
-            logits = self.bound.step(new, mask)
+            logits = self.bound.step(new, mask, keep)
         else:
-            logits, self.cache = self.runner.forward(new, mask, self.cache)
+            logits, self.cache = self.runner.forward(new, mask, self.cache, keep)
         self.length = len(sequence)
         return logits[0]
 
@@ -115,10 +116,10 @@ def speculative_stream(
         proposals: list[int] = []
         q: list[np.ndarray] = []
         for _ in range(n):
-            dist = _distribution(small.feed(sequence + proposals)[-1], sampling, sequence)
+            dist = _distribution(small.feed(sequence + proposals, 1)[0], sampling, sequence)
             proposals.append(_draw(dist, rng))
             q.append(dist)
-        scored = big.feed(sequence + proposals)[-(n + 1) :]  # p for each proposal, then bonus
+        scored = big.feed(sequence + proposals, n + 1)  # p for each proposal, then the bonus
         accepted = 0
         token = -1
         for j, x in enumerate(proposals):
