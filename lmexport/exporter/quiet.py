@@ -11,13 +11,19 @@ import torch
 
 
 @contextlib.contextmanager
-def quiet_export() -> Iterator[None]:
-    logger = logging.getLogger("torch.onnx")
+def errors_only(logger_name: str) -> Iterator[None]:
+    """`logger_name` logs errors only inside the block."""
+    logger = logging.getLogger(logger_name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    with errors_only("torch.onnx"), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        yield

@@ -8,10 +8,6 @@ matches there is exactly what `check()` turned down.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
-
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -19,6 +15,7 @@ from onnxscript import version_converter
 from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRule, pattern
 
 from ..errors import LmexportError
+from ..exporter.quiet import errors_only
 from ..exporter.unused_outputs import drop_unused_outputs
 from . import attention, gqa, qkv_pack, rms_norm, rotary, silu, skip_rms_norm
 from .report import Fusion, Report
@@ -56,7 +53,7 @@ def optimize_model(
         raise LmexportError(f"unknown optimize target {target!r} (choose from ort, onnx)")
     graph = ir.serde.deserialize_model(model)
     nodes_before = len(graph.graph)
-    with _errors_only(_DEDUPLICATION_LOG):
+    with errors_only(_DEDUPLICATION_LOG):
         onnxscript.optimizer.optimize(graph)
         if graph.opset_imports.get("", OPSET) < OPSET:
             version_converter.convert_version(graph, OPSET, fallback=True)
@@ -65,17 +62,6 @@ def optimize_model(
     fused = ir.serde.serialize_model(graph)
     drop_unused_outputs(fused)
     return fused, Report(done, nodes_before, len(graph.graph))
-
-
-@contextlib.contextmanager
-def _errors_only(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _fuse(name: str, rules: pattern.RewriteRuleSet, graph: ir.Model) -> Fusion:

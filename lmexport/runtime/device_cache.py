@@ -28,6 +28,11 @@ from ..errors import RuntimeInputError
 from .manifest import LOGITS_TO_KEEP
 
 
+def keeps_logits(session: ort.InferenceSession) -> bool:
+    """Whether the graph takes `logits_to_keep` (folders exported before it do not)."""
+    return LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+
+
 class DeviceCache:
     """One generation's cache on `device` ('cpu' or 'cuda'), for one batch."""
 
@@ -53,8 +58,7 @@ class DeviceCache:
         self.length = 0  # cached positions
         self._empty = empty_past  # the first step's past, of length 0
         self.past: list[ort.OrtValue] | None = None
-        overridable = {i.name for i in session.get_overridable_initializers()}
-        self.keeps_logits = LOGITS_TO_KEEP in overridable
+        self.keeps_logits = keeps_logits(session)
         self._binding = session.io_binding()
         # Outputs come back in binding order (the logits first). An output that onnxruntime
         # allocated stays bound, and a next run of another shape would refuse to reuse it, so

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import LmexportError, RuntimeInputError
 from .batching import is_ragged, left_pad
-from .device_cache import DeviceCache
+from .device_cache import DeviceCache, keeps_logits
 from .manifest import LOGITS_TO_KEEP, MODEL_FILE, read_manifest
 from .sampling import Sampling, choose
 from .session import create_session, session_provider
@@ -60,8 +60,7 @@ class LlamaRunner:
         self.io_binding = default_binding if io_binding is None else io_binding
         self._tokenizer: Any = None
         self._past_names = [i.name for i in self.session.get_inputs()][2:]
-        overridable = {i.name for i in self.session.get_overridable_initializers()}
-        self.keeps_logits = LOGITS_TO_KEEP in overridable  # folders exported before it lack it
+        self.keeps_logits = keeps_logits(self.session)
         past_type = self.session.get_inputs()[-1].type if self._past_names else "tensor(float)"
         cache_dtype = past_type[len("tensor(") : -1]
         if self.kv_cache and cache_dtype not in ("float", "float16"):
