@@ -60,10 +60,6 @@ class DeviceCache:
         self.past: list[ort.OrtValue] | None = None
         self.keeps_logits = keeps_logits(session)
         self._binding = session.io_binding()
-        # Outputs come back in binding order (the logits first). An output that onnxruntime
-        # allocated stays bound, and a next run of another shape would refuse to reuse it, so
-        # `step` binds the logits and growing presents afresh.
-        self._binding.bind_output(self.logits_name, "cpu")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, keep: int = 0) -> np.ndarray:
         """Run the new tokens (mask over past + new) and keep the grown cache bound on the
@@ -117,6 +113,9 @@ class DeviceCache:
             binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
             self.session.run_with_iobinding(binding)
             return logits
+        # Outputs come back in binding order, the logits first. An output that onnxruntime
+        # allocated stays bound, and a next run of another shape would refuse to reuse it, so
+        # the logits and growing presents are bound afresh each step.
         binding.bind_output(self.logits_name, "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device, self.device_id)
