@@ -164,6 +164,24 @@ def test_classify_7x7_at_another_size(tiny_7x7: Path, tmp_path: Path) -> None:
     assert "class " in text and len(text.splitlines()) == 6
 
 
+@pytest.mark.parametrize("width_height", [(517, 400), (400, 517), (300, 300)])
+def test_preprocess_as_torchvision(tiny_7x7: Path, width_height: tuple[int, int]) -> None:
+    """Resize(256) then CenterCrop(224) as torchvision computes them (the official evaluation):
+    short side 256, long side int(256 · long / short) truncated (517x400 → 330x256, not 331)."""
+    rng = np.random.default_rng(0)
+    width, height = width_height
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    short = min(width, height)
+    size = (256 * width // short, 256 * height // short)
+    left, top = round((size[0] - 224) / 2.0), round((size[1] - 224) / 2.0)
+    crop = image.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + 224, top + 224))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = ((np.asarray(crop) / 255.0 - mean) / std).transpose(2, 0, 1)
+    pixels = ImageClassifier.load(tiny_7x7).preprocess(image)
+    assert pixels.shape == (3, 224, 224)
+    assert np.abs(pixels - expected).max() < 1e-5
+
+
 def test_gf_refuses_another_size(gf_folder: Path, tmp_path: Path) -> None:
     image = write_png(tmp_path / "ramp.png")
     assert_bad_input(

@@ -4,6 +4,7 @@ default for `ort` graphs)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,27 @@ def test_plain_graphs_do_not_share(tmp_path: Path) -> None:
     runner = LlamaRunner.load(lmexport.convert("llama-tiny", tmp_path / "out", target="plain"))
     assert not runner.shares_cache and not runner.io_binding
     assert runner.device_cache(1, capacity=8).capacity is None
+
+
+def test_grouped_rows_one_at_a_time(tiny_folder: Path) -> None:
+    """GroupQueryAttention takes several new tokens over a cache for batch 1 only: a bound
+    cache says so instead of passing onnxruntime's error on (`forward` splits the rows)."""
+    runner = LlamaRunner.load(tiny_folder)
+    bound = runner.device_cache(2, capacity=8)
+    bound.step(np.array([[1, 2, 3], [4, 5, 6]]), np.ones((2, 3), np.int64))
+    with pytest.raises(RuntimeInputError, match="one row at a time"):
+        bound.step(np.array([[7, 8], [9, 10]]), np.ones((2, 5), np.int64))
+
+
+def test_shared_buffer_only_where_every_layer_is_grouped(tiny_folder: Path, tmp_path: Path) -> None:
+    """The shared buffer needs GroupQueryAttention in every layer: a folder whose manifest says
+    `ort` but whose attention was not fused (optimize keeps the target it was asked for) runs
+    with the cache a plain graph gets."""
+    folder = lmexport.convert("llama-tiny", tmp_path / "out", target="onnx")
+    manifest = json.loads((folder / "lmexport.json").read_text())
+    manifest["target"] = "ort"
+    (folder / "lmexport.json").write_text(json.dumps(manifest))
+    runner = LlamaRunner.load(folder)
+    assert not runner.shares_cache and not runner.io_binding
+    expected = LlamaRunner.load(tiny_folder).generate(PROMPTS, 6, eos_token_id=[])
+    assert np.array_equal(runner.generate(PROMPTS, 6, eos_token_id=[]), expected)

@@ -58,6 +58,16 @@ def test_filters_are_never_crossed(sampling: Sampling, allowed: set[int]) -> Non
     assert set(np.unique(tokens).tolist()) == allowed
 
 
+def test_top_p_measures_what_top_k_left() -> None:
+    """[0.4, 0.3, 0.3] after top-k 2 is [4/7, 3/7, 0]: a nucleus of 0.5 holds the first alone
+    (transformers and llama.cpp agree), not the two whose share of the whole is under 0.5."""
+    logits = np.log(np.array([[0.4, 0.3, 0.3]]))
+    probs = filtered_probabilities(logits, Sampling(1.0, top_k=2, top_p=0.5))[0]
+    assert np.allclose(probs, [1.0, 0.0, 0.0])
+    probs = filtered_probabilities(logits, Sampling(1.0, top_k=2, top_p=0.6))[0]
+    assert np.allclose(probs, [4 / 7, 3 / 7, 0.0])
+
+
 def test_repetition_penalty_lowers_seen_tokens() -> None:
     seen = np.array([[0]])
     plain = filtered_probabilities(LOGITS, Sampling(temperature=1.0))[0]

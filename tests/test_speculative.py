@@ -51,6 +51,19 @@ def test_greedy_equals_target(
         assert big == sequence - 1 and small <= sequence - 1
 
 
+@pytest.mark.parametrize("penalty", [0.5, 2.0])
+def test_draft_sees_the_penalty_the_target_sees(tiny_folder: Path, penalty: float) -> None:
+    """The draft's repetition penalty counts its own earlier proposals, as the target's does:
+    a draft with the target's weights then agrees with it on every proposal."""
+    target = LlamaRunner.load(tiny_folder)
+    stats = SpeculativeStats()
+    options = {"eos_token_id": [], "repetition_penalty": penalty}
+    expected = target.generate(PROMPT, 40, **options)
+    got = target.generate(PROMPT, 40, draft=target, draft_tokens=4, stats=stats, **options)
+    assert np.array_equal(got, expected)
+    assert stats.acceptance_rate == 1.0
+
+
 @pytest.mark.parametrize("fixture", ["tiny_folder", "plain_folder"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_rolled_back_cache_holds_no_stale_entries(

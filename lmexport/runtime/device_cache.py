@@ -44,7 +44,9 @@ class DeviceCache:
         vocab_size: int,
         device_id: int = 0,
         capacity: int | None = None,
+        grouped: bool = False,
     ) -> None:
+        """grouped: the graph attends through GroupQueryAttention (see `step`)."""
         outputs = [o.name for o in session.get_outputs()]
         half = session.get_outputs()[0].type == "tensor(float16)"
         self._logits_dtype = np.float16 if half else np.float32
@@ -53,6 +55,7 @@ class DeviceCache:
         self.device = device
         self.device_id = device_id
         self.capacity = capacity
+        self.grouped = grouped
         self.past_names = [i.name for i in session.get_inputs()][2:]
         self.logits_name, self.present_names = outputs[0], outputs[1:]
         self.length = 0  # cached positions
@@ -70,6 +73,11 @@ class DeviceCache:
             raise RuntimeInputError(
                 f"attention_mask covers {total} positions, but the cache holds {self.length} "
                 f"and {input_ids.shape[1]} are new"
+            )
+        if self.grouped and self.length and input_ids.shape[0] > 1 and input_ids.shape[1] > 1:
+            raise RuntimeInputError(
+                "GroupQueryAttention takes several new tokens over a cache for one row at a "
+                "time: give each row its own cache (LlamaRunner.forward splits the rows)"
             )
         if self.capacity is not None and total > self.capacity:
             raise RuntimeInputError(f"{total} positions exceed the cache's {self.capacity}")

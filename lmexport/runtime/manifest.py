@@ -34,3 +34,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not (folder / MODEL_FILE).is_file():
         raise LmexportError(f"{folder}: {MODEL_FILE} is missing")
     return manifest
+
+
+def grouped_attention_layers(manifest: dict[str, Any]) -> int | None:
+    """How many layers attend through com.microsoft::GroupQueryAttention, from what `convert`
+    (op counts) and `optimize` (fusion counts, on top of its source's) recorded; None for a
+    folder that records neither. A `target` of "ort" alone does not say it: `optimize` keeps
+    the target it was asked for when the fusion refused a layer."""
+    passes = manifest.get("passes")
+    if not isinstance(passes, dict):
+        return None
+    exported = (passes.get("export") or {}).get("GroupQueryAttention", 0)
+    fused = (passes.get("optimize") or {}).get("group_query_attention", 0)
+    return int(exported) + int(fused)

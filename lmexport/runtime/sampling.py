@@ -57,27 +57,26 @@ def penalize_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np
 
 
 def filtered_probabilities(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
-    """Probabilities [batch, vocab] after temperature, top-k, top-p and min-p (renormalised)."""
+    """Probabilities [batch, vocab] after temperature, top-k, top-p and min-p (renormalised).
+
+    The filters apply one after another, as transformers' warpers and llama.cpp's samplers do:
+    top-p measures its nucleus in what top-k left, renormalised, not in the whole vocabulary.
+    """
     scaled = logits.astype(np.float64) / sampling.temperature
     scaled -= scaled.max(-1, keepdims=True)
     probs = np.exp(scaled)
-    probs /= probs.sum(-1, keepdims=True)
-    keep = np.ones_like(probs, dtype=bool)
     order = np.argsort(-probs, axis=-1, kind="stable")
     ranked = np.take_along_axis(probs, order, -1)
     if sampling.top_k:
-        ranks = np.empty_like(order)
-        np.put_along_axis(ranks, order, np.arange(order.shape[-1])[None].repeat(len(order), 0), -1)
-        keep &= ranks < sampling.top_k
+        ranked[:, sampling.top_k :] = 0.0
     if sampling.top_p < 1.0:
         # Keep the smallest prefix of the ranking whose mass reaches top_p (always the first).
-        before = np.cumsum(ranked, -1) - ranked
-        in_nucleus = np.zeros_like(keep)
-        np.put_along_axis(in_nucleus, order, before < sampling.top_p, -1)
-        keep &= in_nucleus
+        share = ranked / ranked.sum(-1, keepdims=True)
+        ranked = np.where(np.cumsum(share, -1) - share < sampling.top_p, ranked, 0.0)
     if sampling.min_p:
-        keep &= probs >= sampling.min_p * probs.max(-1, keepdims=True)
-    probs = np.where(keep, probs, 0.0)
+        ranked = np.where(ranked >= sampling.min_p * ranked[:, :1], ranked, 0.0)
+    probs = np.zeros_like(probs)
+    np.put_along_axis(probs, order, ranked, -1)
     return probs / probs.sum(-1, keepdims=True)
 
 

@@ -116,7 +116,8 @@ def speculative_stream(
         proposals: list[int] = []
         q: list[np.ndarray] = []
         for _ in range(n):
-            dist = _distribution(small.feed(sequence + proposals, 1)[0], sampling, sequence)
+            seen = sequence + proposals  # the penalty sees what the target will see
+            dist = _distribution(small.feed(seen, 1)[0], sampling, seen)
             proposals.append(_draw(dist, rng))
             q.append(dist)
         scored = big.feed(sequence + proposals, n + 1)  # p for each proposal, then the bonus

@@ -120,11 +120,14 @@ class ImageClassifier:
         if isinstance(resize, list):
             image = image.resize((resize[1], resize[0]), bicubic)
         else:
+            # torchvision's Resize(int), as the official evaluation uses it: the short side
+            # becomes `resize`, the long one int(resize · long / short), truncated.
             w, h = image.size
-            scale = resize / min(w, h)
-            image = image.resize(
-                (max(size, round(w * scale)), max(size, round(h * scale))), bicubic
-            )
+            if w <= h:
+                shape = (resize, max(size, int(resize * h / w)))
+            else:
+                shape = (max(size, int(resize * w / h)), resize)
+            image = image.resize(shape, bicubic)
             w, h = image.size
             left, top = round((w - size) / 2), round((h - size) / 2)
             image = image.crop((left, top, left + size, top + size))
