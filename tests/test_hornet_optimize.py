@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lmexport.optimizers.hornet_pipeline import is_image_model
+
 from helpers import run
 
 
@@ -109,3 +111,31 @@ def test_nonlinear_spectrum_refused(tmp_path: Path) -> None:
     assert "global_filter  applied 1  refused 1" in text, text
     assert "not a per-channel circular convolution" in text
     assert ops(out)["DFT"] == 4
+
+
+class BiasedAttention(nn.Module):
+    """Attention with an additive bias: every input is a float rank-4 tensor, not an image."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        return ((q @ k.transpose(2, 3)) * 0.25 + bias).softmax(-1) @ v
+
+
+def test_attention_graph_is_not_an_image(foreign: Path, tmp_path: Path) -> None:
+    """Only a graph with convolutions over one grey or colour image takes this pipeline: an
+    attention graph whose inputs are all [batch, heads, seq, head_dim] gets the Llama fusions."""
+    q, k, v = (torch.randn(2, 4, 5, 16) for _ in range(3))
+    bias = torch.randn(2, 4, 5, 5)
+    src = tmp_path / "attention.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            BiasedAttention(), (q, k, v, bias), dynamo=True, input_names=["q", "k", "v", "bias"]
+        )
+    assert program is not None
+    program.save(str(src))
+    assert is_image_model(onnx.load(str(foreign)))
+    assert not is_image_model(onnx.load(str(src)))
+    out = tmp_path / "out.onnx"
+    code, text, err = run("optimize", str(src), "-o", str(out), "--target", "onnx")
+    assert code == 0, err
+    assert ops(out)["Attention"] == 1, text

@@ -4,12 +4,15 @@ where it must not (the graph then stays as it was and the report says why)."""
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import Tensor, nn
@@ -21,10 +24,15 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 
 
 def export(
-    module: nn.Module, args: tuple[Tensor, ...], names: list[str], path: Path
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    names: list[str],
+    path: Path,
+    dynamic: dict[str, dict[int, Any]] | None = None,
 ) -> onnx.ModelProto:
+    """Batch and sequence dynamic ([b, heads, s, d] or [b, s, …]), unless `dynamic` says."""
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
-    seq_axis = {
+    seq_axis = dynamic or {
         n: ({0: dims[0], 2: dims[1]} if a.dim() == 4 else dims)
         for n, a in zip(names, args, strict=True)
     }
@@ -58,6 +66,21 @@ class TableRotary(nn.Module):
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         return x * cos + rotate_half(x) * sin
+
+
+def run_both(
+    model: onnx.ModelProto, fused: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first output of each graph in onnxruntime on the same inputs."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    before, after = (
+        ort.InferenceSession(m.SerializeToString(), options, ["CPUExecutionProvider"]).run(
+            None, feeds
+        )[0]
+        for m in (model, fused)
+    )
+    return before, after
 
 
 def rotary_inputs() -> tuple[Tensor, Tensor]:
@@ -182,3 +205,193 @@ def test_tiled_kv_repeat(tmp_path: Path) -> None:
     ops = Counter(n.op_type for n in fused.graph.node)
     assert ops["Attention"] == 1 and ops["Tile"] == 0 and ops["Softmax"] == 0
     assert check_same(model, fused) <= 1e-5
+
+
+class DivScaleAttention(TiledAttention):
+    """Scores divided by sqrt(head_dim), as ordinary code writes it (an ONNX Div)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = q @ k.transpose(2, 3) / math.sqrt(HEAD_DIM)
+        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        allowed = causal[None, None] & mask.bool()[:, None, None, :]
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        return scores.softmax(-1) @ v
+
+
+def test_attention_with_divided_scores(tmp_path: Path) -> None:
+    model = export(
+        DivScaleAttention(), attention_inputs(), ["q", "k", "v", "mask"], tmp_path / "m.onnx"
+    )
+    fused, _ = optimize_model(model, "onnx")
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["Attention"] == 1 and ops["Div"] == 0 and ops["Softmax"] == 0
+    (attention,) = [n for n in fused.graph.node if n.op_type == "Attention"]
+    scale = next(a.f for a in attention.attribute if a.name == "scale")
+    assert np.isclose(scale, HEAD_DIM**-0.5)
+    assert check_same(model, fused) <= 1e-4
+
+
+class TiledBiasAttention(nn.Module):
+    """Tile K/V repeat with an additive bias per query head ([1, heads, s, t], ALiBi-style)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1)
+        scores = (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5 + bias
+        return scores.softmax(-1) @ v
+
+
+def test_tiled_kv_repeat_with_per_head_bias(tmp_path: Path) -> None:
+    """The query heads are reordered around Attention; the bias's heads must follow them."""
+    q, k, v, _ = attention_inputs()
+    slopes = -torch.arange(1, HEADS + 1).float()[:, None, None]
+    bias = (slopes * torch.arange(5).float()).expand(HEADS, 5, 5)[None].contiguous()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    heads4 = {0: batch, 2: seq}
+    dynamic = {"q": heads4, "k": heads4, "v": heads4, "bias": {2: seq, 3: seq}}
+    names = ["q", "k", "v", "bias"]
+    model = export(TiledBiasAttention(), (q, k, v, bias), names, tmp_path / "m.onnx", dynamic)
+    fused, _ = optimize_model(model, "onnx")
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["Attention"] == 1 and ops["Tile"] == 0 and ops["Softmax"] == 0
+    feeds = dict(zip(names, (t.numpy() for t in (q, k, v, bias)), strict=True))
+    before, after = run_both(model, fused, feeds)
+    assert np.abs(before - after).max() <= 1e-4
+
+
+class GroupedBlock(nn.Module):
+    """Projections → heads → rotary → grouped attention → merged heads (what becomes
+    GroupQueryAttention), masked by a causal comparison of positions or by padding only."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        width = 64
+        self.q = nn.Linear(width, HEADS * HEAD_DIM, bias=False)
+        self.k = nn.Linear(width, KV_HEADS * HEAD_DIM, bias=False)
+        self.v = nn.Linear(width, KV_HEADS * HEAD_DIM, bias=False)
+        self.rotary = InterleavedRotary()
+        self.causal = causal
+
+    def forward(self, x: Tensor, positions: Tensor, attention_mask: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
+        k = self.k(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v = self.v(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5
+        allowed = (attention_mask > 0)[:, None, None, :].expand(-1, 1, s, -1)
+        if self.causal:
+            index = torch.arange(s)
+            allowed = allowed & (index[None, :] <= index[:, None])[None, None]
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        out = scores.softmax(-1) @ v
+        return out.transpose(1, 2).reshape(b, s, HEADS * HEAD_DIM)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "padding_only"])
+def test_group_query_attention_needs_a_causal_mask(causal: bool, tmp_path: Path) -> None:
+    """`attention_mask > 0` is a comparison too, but of the mask, not of positions: a graph
+    masked by it alone keeps Attention (GroupQueryAttention would add a causal mask)."""
+    x, positions = torch.randn(2, 5, 64), torch.arange(5).repeat(2, 1)
+    args = (x, positions, torch.ones(2, 5, dtype=torch.int64))
+    names = ["x", "positions", "attention_mask"]
+    model = export(GroupedBlock(causal), args, names, tmp_path / "m.onnx")
+    fused, report = optimize_model(model, "ort")
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["GroupQueryAttention"] == int(causal) and ops["Attention"] == int(not causal)
+    if not causal:
+        gqa = next(f for f in report.fusions if f.name == "group_query_attention")
+        assert any("no causal part" in reason for reason in gqa.refused), gqa.refused
+    assert check_same(model, fused) <= 1e-4
+
+
+class SequenceFirstRotary(nn.Module):
+    """Rotary on x laid out [batch, sequence, heads, head_dim]: cos/sin unsqueezed at axis 2."""
+
+    def __init__(self, interleaved: bool) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+        self.register_buffer("inv_freq", inv_freq)
+        self.interleaved = interleaved
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.float()[..., None] * self.inv_freq
+        if self.interleaved:
+            cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+            x1, x2 = x[..., ::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+        return x * cos + rotate_half(x) * sin
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+def test_rotary_on_sequence_first_layout_is_refused(interleaved: bool, tmp_path: Path) -> None:
+    x = torch.randn(2, 5, HEADS, HEAD_DIM)
+    positions = torch.arange(5).repeat(2, 1) + torch.tensor([[0], [3]])
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic = {"x": {0: batch, 1: seq}, "positions": {0: batch, 1: seq}}
+    model = export(
+        SequenceFirstRotary(interleaved), (x, positions), ["x", "positions"],
+        tmp_path / "m.onnx", dynamic,
+    )  # fmt: skip
+    for target in ("ort", "onnx"):
+        fused, report = optimize_model(model, target)
+        assert "RotaryEmbedding" not in {n.op_type for n in fused.graph.node}
+        rotary = next(f for f in report.fusions if f.name == "rotary")
+        assert any("[batch, 1, seq, d]" in reason for reason in rotary.refused), rotary.refused
+        # seq == heads: a fused graph would run, rotating each head by another position.
+        x = torch.randn(2, HEADS, HEADS, HEAD_DIM)
+        feeds = {"x": x.numpy(), "positions": positions[:, :HEADS].numpy()}
+        before, after = run_both(model, fused, feeds)
+        assert np.abs(before - after).max() <= 1e-4
+
+
+class HalfRotary(InterleavedRotary):
+    """Rotate-half rotary of x [batch, heads, seq, head_dim] at positions [batch or 1, seq]."""
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.float()[..., None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        return x * cos + rotate_half(x) * sin
+
+
+class MaskPositionsRotary(HalfRotary):
+    """Positions from the attention mask as Hugging Face computes them: left padding gets -1."""
+
+    def forward(self, x: Tensor, attention_mask: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x, attention_mask.cumsum(-1) - 1)
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_rotary_with_left_padded_mask_positions(target: str, tmp_path: Path) -> None:
+    """Position -1 is outside RotaryEmbedding's cache: the fused graph must still run, and
+    agree on every real token (pad rows are masked out by attention anyway)."""
+    x, mask = torch.randn(2, HEADS, 5, HEAD_DIM), torch.ones(2, 5, dtype=torch.int64)
+    model = export(MaskPositionsRotary(), (x, mask), ["x", "attention_mask"], tmp_path / "m.onnx")
+    fused, _ = optimize_model(model, target)
+    assert Counter(n.op_type for n in fused.graph.node)["RotaryEmbedding"] == 1
+    left = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    before, after = run_both(model, fused, {"x": x.numpy(), "attention_mask": left})
+    real = np.broadcast_to(left.astype(bool)[:, None, :, None], before.shape)
+    assert np.abs(before - after)[real].max() <= 1e-4
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_rotary_positions_of_batch_one(target: str, tmp_path: Path) -> None:
+    """position_ids [1, seq] (Hugging Face's default) broadcast over a batch of 2."""
+    x, positions = torch.randn(2, HEADS, 5, HEAD_DIM), torch.arange(5)[None]
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic = {"x": {0: batch, 2: seq}, "positions": {1: seq}}
+    names = ["x", "positions"]
+    model = export(HalfRotary(), (x, positions), names, tmp_path / "m.onnx", dynamic)
+    fused, _ = optimize_model(model, target)
+    assert Counter(n.op_type for n in fused.graph.node)["RotaryEmbedding"] == 1
+    before, after = run_both(model, fused, {"x": x.numpy(), "positions": positions.numpy()})
+    assert np.abs(before - after).max() <= 1e-4

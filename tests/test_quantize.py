@@ -120,6 +120,80 @@ def test_float_offsets_graph_matches_dequantized_weights(input_shape: list[Any] 
         assert np.abs(y - expected).max() <= 1e-4
 
 
+def _dequantized(w: np.ndarray, bits: int, block_size: int, offsets: bool = False) -> np.ndarray:
+    """A [rows, cols] table as the quantizer gives it back."""
+    return dequantize_blocks(
+        quantize_blocks(np.ascontiguousarray(w), bits, block_size, False, offsets)
+    )
+
+
+@pytest.mark.parametrize("lm_head_bits", [None, 8])
+def test_tied_head_and_quantized_embedding(lm_head_bits: int | None) -> None:
+    """A tied LM head (MatMul by the embedding's Transpose) and the embedding's Gather both
+    quantize, each to its own initializers, and compute with the dequantized table."""
+    rng = np.random.default_rng(6)
+    vocab, width = 64, 32
+    table = rng.standard_normal((vocab, width)).astype(np.float32)
+    w = rng.standard_normal((width, width)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["h2"]),
+        helper.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h2", "embed_t"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
+        [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(w, "w")],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    )
+    options = QuantizeOptions(
+        block_size=16, embedding=True, accuracy_level=0, lm_head_bits=lm_head_bits
+    )
+    assert quantize_graph(model, options) == {"GatherBlockQuantized": 1, "MatMulNBits": 2}
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[1, 2, 3, 63]], dtype=np.int64)
+    (got,) = session.run(None, {"input_ids": ids})
+    h = _dequantized(table, 4, 16)[ids] @ _dequantized(w.T, 4, 16).T
+    expected = h @ _dequantized(table, lm_head_bits or 4, 16).T
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("offsets", [False, True], ids=["zero_points", "float_offsets"])
+def test_weight_shared_by_two_matmuls(offsets: bool) -> None:
+    """One initializer read by two MatMuls is quantized once, and both read it."""
+    w = np.random.default_rng(7).standard_normal((32, 32)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    )
+    options = QuantizeOptions(block_size=16, accuracy_level=0, offsets=offsets)
+    assert quantize_graph(model, options) == {"MatMulNBits": 2}
+    assert sum(name.endswith("_q4") for name in model.graph.initializers) == 1
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(8).standard_normal((3, 32)).astype(np.float32)
+    w_q = _dequantized(w.T, 4, 16, offsets).T
+    expected = x @ w_q @ w_q
+    assert np.abs(session.run(None, {"x": x})[0] - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
 def test_float_offsets_folder_verifies(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--quantize", "int4", "--block-size", "16", "--float-offsets"]

@@ -6,6 +6,7 @@ Matched on 4-D tensors [batch, heads, sequence, head_dim] (Add and Mul in either
              Tile(K, [1, groups, 1, 1]) (the query heads are then reordered around Attention
              by two Gathers, since Tile pairs query head h with kv head h % kv_heads), or K (MHA)
     scores = MatMul(Q, Transpose(K')) · scale          (eager exports)
+           | MatMul(Q, Transpose(K')) / c                 (scale 1/c, as `/ math.sqrt(d)` exports)
            | MatMul(Q · a, Reshape(Transpose(Reshape(K'))) · b)   (decomposed SDPA, scale a·b)
     masked = Where(masked_out, very negative, scores) | scores + additive bias
     probs  = Softmax(masked, last axis), optionally with SDPA's NaN guard
@@ -66,8 +67,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
     def pattern(self, op, q, k, v, scale, mask, fill, q_scale, k_scale):
         k_rep = _repeated(op, k, "k")
         v_rep = _repeated(op, v, "v")
-        if self.scores == "eager":
-            scores = op.Mul(op.MatMul(q, op.Transpose(k_rep, perm=[0, 1, 3, 2])), scale)
+        if self.scores in ("eager", "div"):
+            raw = op.MatMul(q, op.Transpose(k_rep, perm=[0, 1, 3, 2]))
+            scores = op.Mul(raw, scale) if self.scores == "eager" else op.Div(raw, scale)
         else:
             flat = op.Reshape(k_rep, _allow_other_inputs=True)
             k_t = op.Reshape(op.Transpose(flat, perm=[0, 2, 1]), _allow_other_inputs=True)
@@ -111,7 +113,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if softmax.attributes.get_int("axis", -1) not in (-1, 3):
             return result.fail("Softmax is not over the key axis", probs)
         if self._scale(bound) is None:
-            return result.fail("the score scale is not a constant scalar")
+            return result.fail("the score scale is not a constant nonzero scalar")
         if self.masking == "where":
             fill = _scalar(bound.get("fill"))  # type: ignore[arg-type]
             if fill is None or fill > VERY_NEGATIVE:
@@ -125,11 +127,17 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if mask.shape is None or mask.shape.rank() != 4 or mask.shape[2] != q.shape[2]:
             # onnxruntime's Attention does not broadcast the mask's query axis.
             return result.fail(f"mask shape {mask.shape} does not spell out the query axis", mask)
+        if repeat == "tile" and mask.shape[1] not in (1, heads):
+            # The query heads are reordered around Attention: a per-head mask must follow them.
+            return result.fail(f"mask heads {mask.shape[1]} are neither 1 nor {heads}", mask)
         return result
 
     def _scale(self, bound: dict[str, object]) -> float | None:
-        if self.scores == "eager":
-            return _scalar(bound.get("scale"))  # type: ignore[arg-type]
+        if self.scores in ("eager", "div"):
+            scale = _scalar(bound.get("scale"))  # type: ignore[arg-type]
+            if self.scores == "eager" or scale is None:
+                return scale
+            return 1.0 / scale if scale else None
         a = _scalar(bound.get("q_scale"))  # type: ignore[arg-type]
         b = _scalar(bound.get("k_scale"))  # type: ignore[arg-type]
         return None if a is None or b is None else a * b
@@ -147,6 +155,8 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         order = _tile_order(q.shape[1], k.shape[1])
         back = [order.index(h) for h in range(len(order))]
         q = op.Gather(q, op.Constant(value_ints=order), axis=1)
+        if mask.shape[1] != 1:  # a mask or bias per head (ALiBi): in the heads' new order
+            mask = op.Gather(mask, op.Constant(value_ints=order), axis=1)
         out = op.Attention(q, k, v, mask, scale=self._scale(bound))
         return op.Gather(out, op.Constant(value_ints=back), axis=1)
 
@@ -177,7 +187,7 @@ rules = pattern.RewriteRuleSet(
         AttentionFusion.rule(
             f"Attention[{scores},{masking}{',nan' if nan else ''}]", scores, masking, nan
         )
-        for scores in ("eager", "sdpa")
+        for scores in ("eager", "div", "sdpa")
         for masking in ("where", "add")
         for nan in (False, True)
     ],

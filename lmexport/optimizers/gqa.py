@@ -11,7 +11,9 @@ GroupQueryAttention takes q3/k3/v3 directly (rotary applied to them in their 3-D
 K/V, and returns the present K/V that replace the Concats (the graph's `present` outputs). Left
 padding: its own lengths assume right padding, so every cache slot counts as valid
 (seqlens_k = total - 1) and the graph's mask becomes the additive `attention_bias`.
-GroupQueryAttention is always causal, so a mask built without a causal comparison is refused.
+GroupQueryAttention is always causal, so a mask is refused unless part of it is a comparison of
+two position indices (key ≤ query + past, each from a Range) or a Trilu: a comparison of anything
+else (`attention_mask > 0`) is padding only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
-CAUSAL_OPS = {"LessOrEqual", "Less", "GreaterOrEqual", "Greater", "Trilu"}
+COMPARISONS = {"LessOrEqual", "Less", "GreaterOrEqual", "Greater"}
+# Ops whose output holds their inputs' mask values, combined (Or is left out: it can undo a causal
+# part), or moved and reshaped (their other inputs are shapes and indices, not mask values).
+COMBINING = {"And", "Not", "Where", "Add", "Mul", "Min", "Cast", "Identity"}
+MOVING = {"Unsqueeze", "Reshape", "Expand", "Slice", "Squeeze", "Transpose", "Gather", "GatherND"}
 
 
 def _heads(op, x3, name: str):
@@ -58,13 +64,36 @@ def _slot_positions(positions: ir.Value | None, depth: int = 10) -> bool:
 
 
 def _is_causal(mask: ir.Value, depth: int = 12) -> bool:
-    """Whether a causal comparison takes part in building the mask (a bounded walk back)."""
+    """Whether a causal part takes part in the mask's values (a bounded walk back through the
+    ops that carry them, not through shape computations): a Trilu, or two different position
+    indices compared."""
     node = mask.producer()
-    if node is None or depth == 0:
+    if node is None or depth == 0 or node.domain != "":
         return False
-    if node.op_type in CAUSAL_OPS:
+    if node.op_type == "Trilu":
         return True
-    return any(v is not None and _is_causal(v, depth - 1) for v in node.inputs)
+    if node.op_type in COMPARISONS:
+        a, b = node.inputs[0], node.inputs[1]
+        return a is not b and _is_index(a) and _is_index(b)
+    if node.op_type not in MOVING | COMBINING:
+        return False
+    data = node.inputs[:1] if node.op_type in MOVING else node.inputs
+    return any(v is not None and _is_causal(v, depth - 1) for v in data)
+
+
+def _is_index(value: ir.Value | None, depth: int = 8) -> bool:
+    """Whether a value holds computed positions: a Range (of the sequence), reshaped, cast, or
+    offset by something else (the past length). Constants and graph inputs are not."""
+    node = value.producer() if value is not None else None
+    if node is None or depth == 0 or node.domain != "":
+        return False
+    if node.op_type == "Range":
+        return True
+    if node.op_type in ("Add", "Sub"):
+        return any(_is_index(v, depth - 1) for v in node.inputs)
+    if node.op_type in ("Unsqueeze", "Reshape", "Expand", "Slice", "Squeeze", "Cast"):
+        return _is_index(node.inputs[0], depth - 1)
+    return False
 
 
 def _same_positions(a: ir.Value | None, b: ir.Value | None) -> bool:

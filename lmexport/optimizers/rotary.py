@@ -7,9 +7,11 @@ Matched (Add and Mul in either order), on x of shape [batch, heads, sequence, he
 
 where cos/sin are Unsqueeze(Cos(E)) / Unsqueeze(Sin(E)) of the same angles E, and E is either
 Concat(F, F) with F = float(positions) · inv_freq (a constant), or a Gather of constant cos/sin
-tables by positions. `check()` traces cos and sin back to the positions and the frequencies;
+tables by positions. `check()` traces cos and sin back to the positions and the frequencies, and
+refuses cos/sin laid out for x as [batch, sequence, heads, head_dim] (unsqueezed at axis 2);
 `rewrite()` emits `RotaryEmbedding` (opset 23 for `onnx`, `com.microsoft` for `ort`) with a cache
-of `max_positions` rows computed exactly as the graph did (float32 angles).
+of `max_positions` rows computed exactly as the graph did (float32 angles), positions expanded to
+[batch, sequence] and clamped at 0.
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
             return result.fail(f"positions shape {angles.positions.shape} is not [seq] or [b, seq]")
         if angles.cos_cache.shape[0] < 2:
             return result.fail("cos/sin cache has fewer than 2 positions")
+        if not (_heads_layout(cos, angles.positions) and _heads_layout(sin, angles.positions)):
+            return result.fail("cos/sin do not broadcast as [batch, 1, seq, d] (x's heads axis 1)")
         return result
 
     def rewrite(self, op, x, cos, sin, **_):
@@ -196,9 +200,16 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
         positions = angles.positions
         if positions.dtype != ir.DataType.INT64:
             positions = op.Cast(positions, to=ir.DataType.INT64.value)
-        if positions.shape is None or positions.shape.rank() == 1:  # [seq] → [batch, seq]
-            shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(positions), axis=0)
-            positions = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[0])), shape)
+        # cumsum(mask) - 1 gives left padding -1, outside RotaryEmbedding's cache, where the graph
+        # rotated by it: those rows are masked out anyway, so they rotate by 0 instead.
+        positions = op.Clip(positions, op.Constant(value=ir.tensor(np.array(0, np.int64))))
+        rank = angles.positions.shape.rank()  # type: ignore[union-attr]  # checked: 1 or 2
+        if rank == 1 or not _same_dim(angles.positions.shape[0], x.shape[0]):  # type: ignore[index]
+            # [seq], or [1, seq] broadcast over the batch → [batch, seq] as RotaryEmbedding reads.
+            if rank == 1:
+                positions = op.Unsqueeze(positions, op.Constant(value_ints=[0]))
+            shape = op.Concat(op.Shape(x, start=0, end=1), op.Shape(positions, start=1), axis=0)
+            positions = op.Expand(positions, shape)
         if self.target == "onnx":
             return op.RotaryEmbedding(
                 x, cos_cache, sin_cache, positions, interleaved=int(self.interleaved)
@@ -211,6 +222,34 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
             interleaved=int(self.interleaved),
             _domain="com.microsoft",
         )
+
+
+def _heads_layout(cos: ir.Value, positions: ir.Value) -> bool:
+    """Whether cos (or sin) broadcasts against x as [batch, heads, sequence, head_dim], the layout
+    RotaryEmbedding reads: angles [seq, d] may gain leading axes, angles [batch, seq, d] gain the
+    heads axis 1. [batch, seq, heads, d] layouts unsqueeze at axis 2 (or [seq, 1, d]): a fused op
+    would rotate each head by another position, or fail."""
+    node = _producer(cos, "Unsqueeze")
+    source = node.inputs[0] if node is not None else cos
+    if source is None:
+        return False
+    shape = source.shape or positions.shape  # angles: the positions' shape and d
+    if shape is None:
+        return False
+    rank = shape.rank() + (source.shape is None)
+    axes = _int_list(node.inputs[1]) if node is not None and len(node.inputs) > 1 else []
+    if axes is None:
+        return False
+    out = rank + len(axes)
+    axes = sorted(a % out for a in axes)
+    if rank == 2:
+        return out <= 4 and all(a < out - 2 for a in axes)
+    return rank == 3 and axes == [1]
+
+
+def _same_dim(a: int | ir.SymbolicDim, b: int | ir.SymbolicDim) -> bool:
+    """Known to be the same size (two unknown dimensions are not)."""
+    return a == b and (isinstance(a, int) or a.value is not None)
 
 
 def _int_list(value: ir.Value | None) -> list[int] | None:

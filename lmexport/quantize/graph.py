@@ -121,33 +121,46 @@ class _BlockSums:
 
 
 def _with_offsets(
-    graph: ir.Graph, nbits: ir.Node, q: BlockQuantized, stem: str, sums: _BlockSums
+    nbits: ir.Node, q: BlockQuantized, offsets: ir.Value, use: str, sums: _BlockSums
 ) -> list[ir.Node]:
     """MatMulNBits(x) + block_sums(x) @ offsetsᵀ: each block's float offset times the sum of
-    the inputs it multiplies. The Transpose is of a constant, folded when the session loads."""
-    assert q.offsets is not None
+    the inputs it multiplies. The Transpose is of a constant, folded when the session loads.
+    `use` names this MatMul's own nodes (the weight's initializers may be shared)."""
     x = nbits.inputs[0]
     assert x is not None
     summed, nodes = sums(x, q.cols, q.block_size)
-    offsets = _initializer(graph, f"{stem}_offsets", q.offsets)
-    nbits.outputs[0].name = f"{stem}_q{q.bits}_out"
+    nbits.outputs[0].name = f"{use}_q{q.bits}_out"
     nodes.append(nbits)
-    nodes.append(_named("Transpose", [offsets], f"{stem}_offsets_t", perm=[1, 0]))
-    nodes.append(_named("MatMul", [summed, nodes[-1].outputs[0]], f"{stem}_offset_terms"))
-    nodes.append(_named("Add", [nbits.outputs[0], nodes[-1].outputs[0]], f"{stem}_with_offsets"))
+    nodes.append(_named("Transpose", [offsets], f"{use}_offsets_t", perm=[1, 0]))
+    nodes.append(_named("MatMul", [summed, nodes[-1].outputs[0]], f"{use}_offset_terms"))
+    nodes.append(_named("Add", [nbits.outputs[0], nodes[-1].outputs[0]], f"{use}_with_offsets"))
     return nodes
 
 
-def _matmul_nbits(
-    graph: ir.Graph, node: ir.Node, q: BlockQuantized, stem: str, accuracy_level: int
-) -> ir.Node:
+@dataclass(frozen=True)
+class _Weight:
+    """A MatMul weight quantized once for every MatMul that reads it: its initializers."""
+
+    q: BlockQuantized
+    stem: str
+    inputs: list[ir.Value]  # MatMulNBits' codes, scales and zero points when there are any
+    offsets: ir.Value | None  # --float-offsets
+
+
+def _nbits_weight(graph: ir.Graph, q: BlockQuantized, stem: str) -> _Weight:
     inputs = [
-        node.inputs[0],
         _initializer(graph, f"{stem}_q{q.bits}", q.codes),
         _initializer(graph, f"{stem}_scales", q.scales.reshape(-1)),
     ]
     if q.zero_points is not None:
         inputs.append(_initializer(graph, f"{stem}_zero_points", q.zero_points.reshape(-1)))
+    offsets = None if q.offsets is None else _initializer(graph, f"{stem}_offsets", q.offsets)
+    return _Weight(q, stem, inputs, offsets)
+
+
+def _matmul_nbits(
+    node: ir.Node, q: BlockQuantized, weights: list[ir.Value], name: str, accuracy_level: int
+) -> ir.Node:
     attributes = {
         "K": q.cols,
         "N": q.rows,
@@ -156,33 +169,32 @@ def _matmul_nbits(
         "accuracy_level": accuracy_level,
     }
     return ir.node(
-        "MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name or stem}_q{q.bits}"
+        "MatMulNBits", [node.inputs[0], *weights], attributes, domain=MS_DOMAIN, name=name
     )
 
 
-def _gather_block_quantized(
-    graph: ir.Graph, node: ir.Node, q: BlockQuantized, stem: str
-) -> ir.Node:
+def _gather_weights(graph: ir.Graph, q: BlockQuantized, stem: str) -> list[ir.Value]:
+    """GatherBlockQuantized's constant inputs, data first: codes, scales, zero points."""
     inputs = [
         _initializer(graph, f"{stem}_q{q.bits}", q.codes.reshape(q.rows, -1)),
-        node.inputs[1],
         _initializer(graph, f"{stem}_scales", q.scales),
     ]
     if q.zero_points is not None:
         inputs.append(_initializer(graph, f"{stem}_zero_points", q.zero_points))
+    return inputs
+
+
+def _gather_block_quantized(
+    node: ir.Node, q: BlockQuantized, weights: list[ir.Value], name: str
+) -> ir.Node:
     attributes = {
         "gather_axis": 0,
         "quantize_axis": 1,
         "bits": q.bits,
         "block_size": q.block_size,
     }
-    return ir.node(
-        "GatherBlockQuantized",
-        inputs,
-        attributes,
-        domain=MS_DOMAIN,
-        name=f"{node.name or stem}_q{q.bits}",
-    )
+    inputs = [weights[0], node.inputs[1], *weights[1:]]
+    return ir.node("GatherBlockQuantized", inputs, attributes, domain=MS_DOMAIN, name=name)
 
 
 def quantize_graph(
@@ -199,6 +211,12 @@ def quantize_graph(
     head = lm_head_node(graph)
     sums = _BlockSums(graph)
     done: Counter[str] = Counter()
+    # A weight read by several MatMuls (a projection applied twice, initializers that the
+    # optimizer deduplicated) is quantized once; the same weight at other bits (a shared LM
+    # head at --lm-head-bits) is another. Keys: (initializer name, bits).
+    made: dict[tuple[str, int], _Weight] = {}
+    uses: Counter[tuple[str, int]] = Counter()
+    tables: dict[str, tuple[BlockQuantized, list[ir.Value]]] = {}  # embeddings, by name
     for node in list(graph):
         if node.domain != "":
             continue
@@ -206,11 +224,25 @@ def quantize_graph(
             found = _matmul_weight(node.inputs[1])
             if found is None:
                 continue
-            weight, stem = found
+            array, name = found
             bits = options.lm_head_bits if node is head and options.lm_head_bits else options.bits
-            q = quantize(weight, bits, options.block_size, options.symmetric, options.offsets)
-            nbits = _matmul_nbits(graph, node, q, stem, options.accuracy_level)
-            new = [nbits] if q.offsets is None else _with_offsets(graph, nbits, q, stem, sums)
+            key = (name, bits)
+            if key not in made:
+                stem = name if all(n != name for n, _ in made) else f"{name}_{bits}bits"
+                q = quantize(array, bits, options.block_size, options.symmetric, options.offsets)
+                made[key] = _nbits_weight(graph, q, stem)
+            weight = made[key]
+            # This MatMul's own nodes: the first reader's are named after the weight.
+            use = f"{weight.stem}_{uses[key]}" if uses[key] else weight.stem
+            uses[key] += 1
+            nbits = _matmul_nbits(
+                node, weight.q, weight.inputs, f"{node.name or use}_q{bits}", options.accuracy_level
+            )
+            new = (
+                [nbits]
+                if weight.offsets is None
+                else _with_offsets(nbits, weight.q, weight.offsets, use, sums)
+            )
             _replace(graph, node, new)
             done["MatMulNBits"] += 1
         elif node.op_type == "Gather" and options.embedding:
@@ -223,9 +255,14 @@ def quantize_graph(
                     f"the embedding's width {table.shape[1]} is not a multiple of the block size "
                     f"{options.block_size}; quantize without --quantize-embedding"
                 )
-            q = quantize(table, options.bits, options.block_size, options.symmetric, False)
-            stem = node.inputs[0].name or "embedding"  # type: ignore[union-attr]
-            _replace(graph, node, [_gather_block_quantized(graph, node, q, stem)])
+            name = node.inputs[0].name or "embedding"  # type: ignore[union-attr]
+            stem = f"{name}_gather"  # apart from the same table's MatMulNBits (a tied LM head)
+            if name not in tables:
+                q = quantize(table, options.bits, options.block_size, options.symmetric, False)
+                tables[name] = q, _gather_weights(graph, q, stem)
+            q, weights = tables[name]
+            gather = _gather_block_quantized(node, q, weights, f"{node.name or stem}_q{q.bits}")
+            _replace(graph, node, [gather])
             done["GatherBlockQuantized"] += 1
     if not done:
         raise LmexportError("the graph has no MatMul or Gather with a constant weight to quantize")
