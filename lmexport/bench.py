@@ -211,6 +211,8 @@ def bench(
         raise LmexportError(
             "--prompt-length, --repeats and --threads must be at least 1, --new-tokens at least 2"
         )
+    if source is not None and not vs_torch:
+        raise LmexportError("--source names the --vs-torch model: give --vs-torch too")
     runner = LlamaRunner.load(folder, provider=provider, threads=threads)
     if not runner.kv_cache:
         raise LmexportError(f"{folder}: bench needs a KV-cache export (not --no-kv-cache)")

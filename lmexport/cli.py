@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 `verify` found a parity failure, 2 bad input or usage (
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,42 @@ class _BadInput(click.ClickException):
         click.echo(f"lmexport: error: {self.format_message()}", err=True)
 
 
+def _one_line(error: click.UsageError) -> _BadInput:
+    """A usage error (a bad option value, a missing argument) as one line, like every other bad
+    input, instead of click's usage block; the command is named so the line stands alone."""
+    ctx = error.ctx
+    where = f"{ctx.info_name}: " if ctx is not None and ctx.parent is not None else ""
+    return _BadInput(where + error.format_message())
+
+
+def _report_file(path: Path | None, flag: str) -> Path | None:
+    """Checked before a long run, so that a path it could not write fails now, not at the end
+    (with exit code 1, which `verify` means as a parity failure)."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise LmexportError(f"{flag} {path}: is a folder")
+    if not path.absolute().parent.is_dir():
+        raise LmexportError(f"{flag} {path}: folder {path.absolute().parent} does not exist")
+    return path
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise LmexportError(f"{path}: cannot write ({e.strerror})") from None
+
+
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `lmexport` alone prints the help
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -30,6 +66,10 @@ class _Group(click.Group):
             if ctx.params.get("debug"):
                 raise
             raise _BadInput(str(e)) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
 
 @click.group(cls=_Group)
@@ -118,7 +158,9 @@ def _quantize_options(flags: dict[str, Any]) -> Any:
 )
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--no-kv-cache", is_flag=True, help="One full forward, no past/present tensors.")
-@click.option("--seed", type=int, default=None, help="Weight seed of a preset (default 0).")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=None, help="Weight seed of a preset (default 0)."
+)
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it exists.")
 @click.option("--arch", default=None, help="Architecture of a checkpoint file (hornet-tiny-gf, …).")
 @click.option(
@@ -200,6 +242,7 @@ def _echo_quantization(folder: Path) -> None:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
 @click.option("--no-check", is_flag=True, help="Skip the before/after parity run (huge graphs).")
 @click.option("-v", "--verbose", is_flag=True, help="List refused matches and why.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_quantize_flags
 def optimize(
     source: Path,
@@ -208,19 +251,22 @@ def optimize(
     report_path: Path | None,
     no_check: bool,
     verbose: bool,
+    force: bool,
     **quantize: Any,
 ) -> None:
     """Fuse RMSNorm, rotary and grouped attention in SOURCE (an ONNX file, or a folder from
     `convert --target plain`) and write OUTPUT (a file, or a new folder)."""
-    import json
 
     from .optimizers import optimize_file
 
     options = _quantize_options(quantize)
-    report = optimize_file(source, output, target, check=not no_check, quantize=options)
+    _report_file(report_path, "--report")
+    report = optimize_file(
+        source, output, target, check=not no_check, quantize=options, force=force
+    )
     click.echo(report.table(verbose))
     if report_path is not None:
-        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+        _write(report_path, json.dumps(report.to_dict(), indent=2))
     click.echo(f"wrote {output}")
     if options is not None:
         _echo_quantization(output)
@@ -233,7 +279,13 @@ def optimize(
 )
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--steps", default=32, show_default=True, help="Greedy tokens to compare.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the random inputs.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def verify(
     folder: Path, source: str | None, provider: str, steps: int, seed: int, json_path: Path | None
@@ -243,10 +295,11 @@ def verify(
 
     if steps < 1:
         raise LmexportError("--steps must be at least 1")
+    _report_file(json_path, "--json")
     report = run_verify(folder, source=source, provider=provider, steps=steps, seed=seed)
     click.echo(report.table())
     if json_path is not None:
-        report.write_json(json_path)
+        _write(json_path, json.dumps(report.to_dict(), indent=2))
     if not report.passed:
         sys.exit(1)
 
@@ -313,7 +366,12 @@ def _read_prompt_file(path: Path) -> list[str]:
 @click.option("--top-p", default=1.0, show_default=True, help="1: off.")
 @click.option("--min-p", default=0.0, show_default=True, help="0: off.")
 @click.option("--repetition-penalty", default=1.0, show_default=True, help="1: off.")
-@click.option("--seed", default=None, type=int, help="Makes a sampled generation reproducible.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Makes a sampled generation reproducible.",
+)
 @click.option("--draft", type=click.Path(path_type=Path), default=None, help="Draft model folder.")
 @click.option("--draft-tokens", default=4, show_default=True, help="Proposals per round.")
 @click.option(
@@ -439,10 +497,10 @@ def bench(
     json_path: str | None,
 ) -> None:
     """Prefill latency, time to first token, decode tokens/s and peak RSS of FOLDER's model."""
-    import json
 
     from .bench import bench as run
 
+    json_file = None if json_path in (None, "-") else _report_file(Path(json_path), "--json")
     report = run(
         folder, prompt_length=prompt_length, new_tokens=new_tokens, threads=threads,
         repeats=repeats, provider=provider, vs_torch=vs_torch, source=source, draft=draft,
@@ -453,8 +511,8 @@ def bench(
         click.echo(text)
         return
     click.echo(report.table())
-    if json_path is not None:
-        Path(json_path).write_text(text)
+    if json_file is not None:
+        _write(json_file, text)
 
 
 @cli.command()

@@ -182,6 +182,14 @@ def test_preprocess_as_torchvision(tiny_7x7: Path, width_height: tuple[int, int]
     assert np.abs(pixels - expected).max() < 1e-5
 
 
+def test_classify_size_has_a_ceiling(tiny_7x7: Path, tmp_path: Path) -> None:
+    """--image-size 100000 was allocated (24 GB) until the kernel killed the process."""
+    image = write_png(tmp_path / "ramp.png")
+    assert_bad_input(
+        ["classify", str(tiny_7x7), str(image), "--image-size", "100000"], "at most 2048"
+    )
+
+
 def test_gf_refuses_another_size(gf_folder: Path, tmp_path: Path) -> None:
     image = write_png(tmp_path / "ramp.png")
     assert_bad_input(

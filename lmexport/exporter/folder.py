@@ -23,11 +23,17 @@ from ..runtime.manifest import SUPPORTED_FORMAT as FORMAT_VERSION
 @contextlib.contextmanager
 def staged_folder(outdir: Path, force: bool) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `outdir` only if the block succeeds."""
+    if outdir.is_symlink():
+        raise OutputError(f"{outdir}: is a symbolic link (give the folder itself)")
     if outdir.exists() and not force:
         raise OutputError(f"{outdir}: already exists (use --force to replace it)")
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"{outdir}: exists and is not a folder")
-    parent = outdir.absolute().parent
+    outdir = outdir.resolve()
+    if outdir == Path.cwd().resolve() or outdir in Path.cwd().resolve().parents:
+        # Replacing it would delete the folder we stand in, then fail to rename into it.
+        raise OutputError(f"{outdir}: is the current folder or holds it (give another path)")
+    parent = outdir.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: parent folder does not exist")
     try:

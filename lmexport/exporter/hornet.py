@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import LmexportError
 from ..models.hornet import HorNet
 from ..optimizers import bias_gelu
-from ..runtime.vision import MIN_SIZE
+from ..runtime.vision import MAX_SIZE, MIN_SIZE
 from .fast_hornet import FastHorNet
 from .quiet import quiet_export
 from .repeat import repeat_blocks
@@ -49,8 +49,8 @@ def export_hornet(model: HorNet, target: str, image_size: int) -> onnx.ModelProt
     """
     if target not in TARGETS:
         raise LmexportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
-    if image_size < MIN_SIZE:
-        raise LmexportError(f"--image-size {image_size}: must be at least {MIN_SIZE}")
+    if not MIN_SIZE <= image_size <= MAX_SIZE:
+        raise LmexportError(f"--image-size {image_size}: must be in [{MIN_SIZE}, {MAX_SIZE}]")
     fixed = model.config.global_filter
     traced: nn.Module = first_blocks(model)
     full: nn.Module = model

@@ -103,12 +103,19 @@ def optimize_file(
     check: bool = True,
     tolerance: float = 1e-4,
     quantize: str | QuantizeOptions | None = None,
+    force: bool = False,
 ) -> Report:
     """SOURCE an ONNX file → OUTPUT file, or SOURCE a `convert` folder → OUTPUT folder;
-    `quantize` (folders only: their lmexport.json records the accuracy) as for `convert`."""
+    `quantize` (folders only: their lmexport.json records the accuracy) as for `convert`;
+    `force` replaces an existing OUTPUT."""
     options = as_options(quantize)
+    # Before the fusing and the parity run, which take minutes on a big graph.
+    if output.exists() and not force:
+        raise LmexportError(f"{output}: already exists (use --force to replace it)")
     if source.is_dir():
-        return _optimize_folder(source, output, target, check, tolerance, options)
+        return _optimize_folder(source, output, target, check, tolerance, options, force)
+    if output.is_dir():
+        raise LmexportError(f"{output}: is a folder (an ONNX file's output is a file)")
     if options is not None:
         raise LmexportError(
             "--quantize takes a folder written by `lmexport convert`, not an ONNX file"
@@ -143,6 +150,7 @@ def _optimize_folder(
     check: bool,
     tolerance: float,
     quantize: QuantizeOptions | None,
+    force: bool,
 ) -> Report:
     """A copy of the folder with the fused (and maybe quantized) graph and `lmexport.json`
     saying what was done."""
@@ -155,7 +163,7 @@ def _optimize_folder(
     if quantize is not None:
         check_quantizable({**manifest, "target": target})
     fused, report = _optimized(load_onnx(source / MODEL_FILE), target, check, tolerance)
-    with staged_folder(output, force=False) as stage:
+    with staged_folder(output, force) as stage:
         for item in source.iterdir():
             if item.name not in (MANIFEST, MODEL_FILE, MODEL_FILE + ".data") and item.is_file():
                 shutil.copy2(item, stage / item.name)
@@ -177,6 +185,9 @@ def _save(model: onnx.ModelProto, output: Path) -> None:
         raise LmexportError(f"{parent}: folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
     try:
         save_onnx(model, Path(tmp), output.name + ".data")
         os.replace(tmp, output)

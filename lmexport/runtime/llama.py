@@ -298,6 +298,8 @@ class LlamaRunner:
         sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         if max_new_tokens < 0:
             raise RuntimeInputError("max_new_tokens must be ≥ 0")
+        if seed is not None and seed < 0:
+            raise RuntimeInputError(f"seed must be ≥ 0, got {seed}")
         limit = int(self.config["max_position_embeddings"])
         if ids.shape[1] + max_new_tokens > limit:
             raise RuntimeInputError(

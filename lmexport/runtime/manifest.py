@@ -14,6 +14,12 @@ MODEL_FILE = "model.onnx"
 # (exporter/logits_to_keep.py).
 LOGITS_TO_KEEP = "logits_to_keep"
 SUPPORTED_FORMAT = 1
+# What the runtime reads from lmexport.json, by architecture, and the type each must have.
+_COMMON: dict[str, type] = {"config": dict, "target": str, "dtype": str}
+_REQUIRED = {
+    "llama": {**_COMMON, "kv_cache": bool},
+    "hornet": {**_COMMON, "preprocess": dict},
+}
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -31,6 +37,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise LmexportError(
             f"{path}: unsupported format_version (this lmexport reads {SUPPORTED_FORMAT})"
         )
+    arch = manifest.get("arch")
+    if arch not in _REQUIRED:
+        raise LmexportError(f"{path}: unknown arch {arch!r} (choose from {', '.join(_REQUIRED)})")
+    missing = [k for k, kind in _REQUIRED[arch].items() if not isinstance(manifest.get(k), kind)]
+    if missing:
+        raise LmexportError(f"{path}: {', '.join(missing)} missing or of the wrong type")
     if not (folder / MODEL_FILE).is_file():
         raise LmexportError(f"{folder}: {MODEL_FILE} is missing")
     return manifest

@@ -26,8 +26,8 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise RuntimeInputError(f"temperature must be ≥ 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise RuntimeInputError(f"temperature must be finite and ≥ 0, got {self.temperature}")
         if self.top_k < 0:
             raise RuntimeInputError(f"top-k must be ≥ 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def create_session(
     SmolLM2-135M on 2 cores went from 25 to 41 tokens/s without it."""
     if provider not in CHOICES:
         raise LmexportError(f"unknown provider {provider!r} (choose from {', '.join(CHOICES)})")
+    most = 4 * (os.cpu_count() or 1)  # more only queues threads (100000 hung a 2-core machine)
+    if threads is not None and not 1 <= threads <= most:
+        raise LmexportError(f"threads must be in [1, {most}] (4 per CPU here), got {threads}")
     requested = provider
     if provider == "auto":
         provider = "cuda" if PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"

@@ -18,6 +18,8 @@ from .session import create_session
 
 LABELS_FILE = "labels.txt"  # one class name a line, in class order
 MIN_SIZE = 32  # four downsamplings, by 4, 2, 2 and 2
+# Far past any HorNet evaluation (384): a 100000-pixel side would ask for hundreds of GB.
+MAX_SIZE = 2048
 MEAN = [0.485, 0.456, 0.406]  # ImageNet
 STD = [0.229, 0.224, 0.225]
 
@@ -102,6 +104,8 @@ class ImageClassifier:
             )
         if min(height, width) < MIN_SIZE:
             raise RuntimeInputError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels")
+        if max(height, width) > MAX_SIZE:
+            raise RuntimeInputError(f"images may be at most {MAX_SIZE}x{MAX_SIZE} pixels")
 
     def preprocess(self, image: Any, image_size: int | None = None) -> np.ndarray:
         """pixel_values [3, S, S] from a Pillow image or an [H, W, 3] uint8 array: resize,
