@@ -12,6 +12,11 @@ class SourceError(LmexportError):
     """A model source (preset, folder, checkpoint) cannot be loaded."""
 
 
+class ConfigError(SourceError, ValueError):
+    """A model configuration value that no model can be built from (a ValueError too, as it
+    always was for Python callers); loaders catch it to name the file it came from."""
+
+
 class OutputError(LmexportError):
     """The output location cannot be written as asked."""
 

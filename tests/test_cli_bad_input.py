@@ -100,7 +100,7 @@ def test_image_size_has_a_ceiling() -> None:
 
 
 def test_manifest_missing_keys(tiny_folder: Path, tmp_path: Path) -> None:
-    for key in ("config", "kv_cache", "arch"):
+    for key in ("config", "kv_cache", "source", "arch"):
         folder = tmp_path / key
         shutil.copytree(tiny_folder, folder)
         manifest = json.loads((folder / "lmexport.json").read_text())

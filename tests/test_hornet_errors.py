@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from lmexport.models.hornet import HorNet, variant_config
 from lmexport.models.presets import HORNET_ARCHS
 
-from helpers import assert_bad_input
+from helpers import assert_bad_input, run
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,36 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     assert_bad_input(convert_args(ckpt), "empty.pth", "no state_dict")
 
 
+def test_not_a_checkpoint_is_not_called_a_security_refusal(
+    state: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """Bytes that are no pickle (or a cut-off file) are unreadable, not refused as unsafe."""
+    noise = tmp_path / "garbage.pth"
+    noise.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": state}, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:4096])
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": state}, legacy, _use_new_zipfile_serialization=False)
+    cut_legacy = tmp_path / "cut_legacy.pth"
+    cut_legacy.write_bytes(legacy.read_bytes()[:4096])
+    for ckpt in (noise, cut, cut_legacy):
+        code, _, err = run(*convert_args(ckpt))
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{ckpt.name}: not a readable PyTorch checkpoint" in err, err
+        assert "could run code" not in err and "refused" not in err, err
+
+
+def test_llama_only_options_refused(tmp_path: Path) -> None:
+    """As --image-size is for a Llama: refused, nothing written."""
+    assert_bad_input(
+        ["convert", "hornet-tiny-7x7", "--no-kv-cache", "-o", str(tmp_path / "o")],
+        "--no-kv-cache applies to Llama models only",
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_options_that_do_not_apply(tmp_path: Path) -> None:
     assert_bad_input(
         ["convert", "hornet-tiny-gf", "--arch", "hornet-tiny-gf", "-o", str(tmp_path / "o")],
@@ -91,6 +122,6 @@ def test_options_that_do_not_apply(tmp_path: Path) -> None:
     )
     assert_bad_input(
         ["convert", "hornet-tiny-gf", "--image-size", "16", "-o", str(tmp_path / "o")],
-        "at least 32",
+        "--image-size 16: must be in [32, 2048]",
     )
     assert not (tmp_path / "o").exists()

@@ -81,6 +81,8 @@ def convert(
         if quantize is not None:
             check_quantizable({"arch": loaded.arch, "target": target, "dtype": dtype})
         if isinstance(loaded.model, HorNet):
+            if not kv_cache:
+                raise LmexportError("--no-kv-cache applies to Llama models only")
             write_manifest(stage, convert_hornet(loaded, stage, target, dtype, image_size))
             return outdir
         if image_size is not None:

@@ -58,12 +58,16 @@ def export_hornet(model: HorNet, target: str, image_size: int) -> onnx.ModelProt
         size = image_size if fixed else None
         traced, full = FastHorNet(traced, size), FastHorNet(model, size)  # type: ignore[arg-type]
     dynamic: dict[int, object] = {0: torch.export.Dim("batch")}
+    traced_size = image_size
     if not fixed:
-        # torch.export asks for 2x2 maps at the last stage; the graph runs on smaller ones too.
-        dynamic[2] = torch.export.Dim("height", min=2 * 32)
-        dynamic[3] = torch.export.Dim("width", min=2 * 32)
+        # torch.export asks for 2x2 maps at the last stage; the graph runs on smaller ones too,
+        # so a smaller --image-size is traced at the least size it accepts (the graph is the same).
+        least = 2 * 32
+        dynamic[2] = torch.export.Dim("height", min=least)
+        dynamic[3] = torch.export.Dim("width", min=least)
+        traced_size = max(image_size, least)
     # Traced at batch 2 so that the batch dimension is not specialised.
-    pixels = torch.zeros(2, model.config.in_chans, image_size, image_size)
+    pixels = torch.zeros(2, model.config.in_chans, traced_size, traced_size)
     with quiet_export():
         program = torch.onnx.export(
             traced.eval(),

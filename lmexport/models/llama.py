@@ -8,12 +8,15 @@ path serves eager PyTorch, the KV-cache decode loop and `torch.onnx.export`: pos
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from ..errors import ConfigError
 
 KVCache = list[tuple[Tensor, Tensor]]
 
@@ -39,15 +42,47 @@ class LlamaConfig:
     eos_token_id: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
+        """Check every value (each loader builds its config here, from untrusted files) and
+        fill in the defaults, before any weight is allocated."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            setattr(self, name, _positive_int(name, getattr(self, name)))
+        heads = self.num_attention_heads = _positive_int(
+            "num_attention_heads", self.num_attention_heads
+        )
+        kv_heads = self.num_key_value_heads
+        kv_heads = heads if kv_heads is None else _positive_int("num_key_value_heads", kv_heads)
+        self.num_key_value_heads = kv_heads
+        if heads % kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({heads}) must be a multiple of "
+                f"num_key_value_heads ({kv_heads})"
             )
+        if self.head_dim is None:
+            if self.hidden_size % heads:
+                raise ConfigError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of "
+                    f"num_attention_heads ({heads})"
+                )
+            self.head_dim = self.hidden_size // heads
+        self.head_dim = _positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:  # rotary turns pairs of features
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        self.rms_norm_eps = _positive_number("rms_norm_eps", self.rms_norm_eps)
+        self.rope_theta = _positive_number("rope_theta", self.rope_theta)
+        _check_rope_scaling(self.rope_scaling)
+        self.max_position_embeddings = _positive_int(
+            "max_position_embeddings", self.max_position_embeddings
+        )
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.bos_token_id is not None:
+            self.bos_token_id = _token_id("bos_token_id", self.bos_token_id)
+        if not isinstance(self.eos_token_id, list):
+            raise ConfigError(
+                f"eos_token_id must be a list of token ids, got {self.eos_token_id!r}"
+            )
+        self.eos_token_id = [_token_id("eos_token_id", t) for t in self.eos_token_id]
 
     @property
     def n_kv_heads(self) -> int:
@@ -61,6 +96,66 @@ class LlamaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# What each supported rope type needs besides its name (all positive numbers).
+ROPE_REQUIRED = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings"),
+}
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_number(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _token_id(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigError(f"{name} must be a token id (an integer ≥ 0), got {value!r}")
+    return int(value)
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    """The rope types `rope_inv_freq` reproduces, with every number it reads."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError(
+            f"rope_scaling must be a mapping such as {{'rope_type': 'linear', 'factor': 2.0}}, "
+            f"got {scaling!r}"
+        )
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in ROPE_REQUIRED:
+        raise ConfigError(
+            f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_REQUIRED)})"
+        )
+    for key in ROPE_REQUIRED[rope_type]:
+        if key not in scaling:
+            raise ConfigError(f"rope_scaling of type {rope_type!r} has no {key!r}")
+        _positive_number(f"rope_scaling {key}", scaling[key])
+    if rope_type == "llama3":
+        low = _positive_number("rope_scaling low_freq_factor", scaling.get("low_freq_factor", 1.0))
+        high = _positive_number(
+            "rope_scaling high_freq_factor", scaling.get("high_freq_factor", 4.0)
+        )
+        if high <= low:
+            raise ConfigError(
+                f"rope_scaling high_freq_factor ({high}) must exceed low_freq_factor ({low})"
+            )
 
 
 def rope_inv_freq(config: LlamaConfig) -> Tensor:
@@ -86,7 +181,7 @@ def rope_inv_freq(config: LlamaConfig) -> Tensor:
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         return torch.where(medium, smoothed, scaled).float()
-    raise ValueError(f"unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
+    raise ConfigError(f"unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
 
 
 def rotate_half(x: Tensor) -> Tensor:

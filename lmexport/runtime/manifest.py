@@ -15,7 +15,7 @@ MODEL_FILE = "model.onnx"
 LOGITS_TO_KEEP = "logits_to_keep"
 SUPPORTED_FORMAT = 1
 # What the runtime reads from lmexport.json, by architecture, and the type each must have.
-_COMMON: dict[str, type] = {"config": dict, "target": str, "dtype": str}
+_COMMON: dict[str, type] = {"config": dict, "target": str, "dtype": str, "source": dict}
 _REQUIRED = {
     "llama": {**_COMMON, "kv_cache": bool},
     "hornet": {**_COMMON, "preprocess": dict},

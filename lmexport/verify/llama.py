@@ -25,6 +25,20 @@ LOW_PRECISION_TOP1 = 0.99
 # quantization (verify/quantized.py): float rounding only (KL ~1e-10), while every scale 5% off
 # gives KL 0.01 and a wrong layout or zero point ~1.
 QUANTIZED_TOP1, QUANTIZED_KL = 0.99, 1e-4
+GREEDY_PROMPT = 8  # random ids the greedy check starts from
+
+
+def check_steps(steps: int, context: int) -> None:
+    """The greedy check's prompt and `steps` must fit the model's context: refused before any
+    model runs, not after PyTorch has generated them all."""
+    if steps < 1:
+        raise LmexportError(f"--steps must be at least 1, got {steps}")
+    if GREEDY_PROMPT + steps > context:
+        raise LmexportError(
+            f"--steps {steps} is too many: a prompt of {GREEDY_PROMPT} plus {steps} greedy "
+            f"tokens exceeds the model's context of {context} (at most --steps "
+            f"{context - GREEDY_PROMPT})"
+        )
 
 
 @torch.no_grad()
@@ -73,6 +87,7 @@ def verify_llama(
 ) -> Report:
     runner = LlamaRunner.load(folder, provider=provider)
     manifest = runner.manifest
+    check_steps(steps, int(runner.config["max_position_embeddings"]))
     model, source_name = source_model(manifest, source)
     quantization = manifest.get("quantization") or {}
     low_precision = manifest["dtype"] != "float32" or bool(quantization)
@@ -143,7 +158,7 @@ def verify_llama(
             )
         )
 
-    prompt = random_ids(rng, vocab, 1, 8)
+    prompt = random_ids(rng, vocab, 1, GREEDY_PROMPT)
     ref_tokens = torch_greedy(model, prompt, steps)
     got_tokens = runner.generate(prompt, steps, eos_token_id=[])
     same = int((np.cumprod(ref_tokens[0] == got_tokens[0])).sum())
@@ -151,13 +166,19 @@ def verify_llama(
     if low_precision:
         # Teacher-forced: both score the PyTorch greedy sequence, position by position.
         seq = np.concatenate([prompt, ref_tokens], axis=1)
-        ref, got = torch_logits(model, seq)[:, 7:-1], runner.logits(seq)[:, 7:-1]
+        first = GREEDY_PROMPT - 1
+        ref, got = torch_logits(model, seq)[:, first:-1], runner.logits(seq)[:, first:-1]
         greedy_metrics |= {"top1": top1_agreement(ref, got), "kl": kl_divergence(ref, got)}
         greedy_ok = close(greedy_metrics)
     else:
         greedy_ok = same == steps
     report.checks.append(
-        Check("greedy", greedy_ok, greedy_metrics, f"prompt of 8 random ids, {steps} greedy tokens")
+        Check(
+            "greedy",
+            greedy_ok,
+            greedy_metrics,
+            f"prompt of {GREEDY_PROMPT} random ids, {steps} greedy tokens",
+        )
     )
 
     rows = [random_ids(rng, vocab, 1, length * n)[0] for length in (11, 5)]

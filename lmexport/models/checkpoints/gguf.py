@@ -119,22 +119,26 @@ def read_config(gguf: GGUFFile) -> LlamaConfig:
         raise SourceError(f"{gguf.path}: rope scaling {scaling_type!r} is not supported")
     eos = gguf.get("tokenizer.ggml.eos_token_id")
     bos = gguf.get("tokenizer.ggml.bos_token_id")
-    return LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(gguf.require(p + "feed_forward_length")),
-        num_hidden_layers=int(gguf.require(p + "block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(gguf.get(p + "attention.head_count_kv", heads)),
-        head_dim=int(gguf.get(p + "attention.key_length", hidden // heads)),
-        rms_norm_eps=float(gguf.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(gguf.get(p + "rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(gguf.get(p + "context_length", 2048)),
-        tie_word_embeddings="output.weight" not in gguf.tensors,
-        bos_token_id=None if bos is None else int(bos),
-        eos_token_id=[] if eos is None else [int(eos)],
-    )
+    key_length = gguf.get(p + "attention.key_length")  # absent: LlamaConfig derives it
+    try:  # LlamaConfig checks the values (positive sizes, head counts, ...)
+        return LlamaConfig(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(gguf.require(p + "feed_forward_length")),
+            num_hidden_layers=int(gguf.require(p + "block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(gguf.get(p + "attention.head_count_kv", heads)),
+            head_dim=None if key_length is None else int(key_length),
+            rms_norm_eps=float(gguf.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(gguf.get(p + "rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(gguf.get(p + "context_length", 2048)),
+            tie_word_embeddings="output.weight" not in gguf.tensors,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=[] if eos is None else [int(eos)],
+        )
+    except (TypeError, ValueError) as e:
+        raise SourceError(f"{gguf.path}: {e}") from None
 
 
 def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ...errors import SourceError
-from ..llama import Llama, LlamaConfig, rope_inv_freq
+from ...errors import ConfigError, SourceError
+from ..llama import Llama, LlamaConfig
 
 LLAMA_MODEL_TYPES = ("llama",)
 TOKENIZER_FILES = (
@@ -39,10 +39,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _eos_ids(value: Any) -> list[int]:
+def _eos_ids(value: Any) -> list[Any]:
+    """One id or a list of them, as a list; LlamaConfig checks that each is a token id."""
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return list(value) if isinstance(value, list) else [value]
 
 
 def hf_config_json(config: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -91,34 +92,43 @@ def read_config(folder: Path) -> LlamaConfig:
     if missing:
         raise SourceError(f"{path}: missing keys {', '.join(missing)}")
 
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    eos = _eos_ids(raw.get("eos_token_id"))
-    gen_path = folder / "generation_config.json"
-    if gen_path.is_file():
-        eos = eos or _eos_ids(read_json(gen_path).get("eos_token_id"))
+    def value(key: str, default: Any) -> Any:  # transformers writes null for unset keys
+        got = raw.get(key)
+        return default if got is None else got
+
     try:
+        # transformers 5 keeps rope_theta inside rope_parameters; 4.x beside rope_scaling.
+        rope_key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+        rope = value(rope_key, {})
+        if not isinstance(rope, dict):
+            raise SourceError(f"{path}: {rope_key} must be a JSON object, got {rope!r}")
+        rope = dict(rope)
+        rope_theta = rope.pop("rope_theta", value("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        eos = _eos_ids(raw.get("eos_token_id"))
+        gen_path = folder / "generation_config.json"
+        if not eos and gen_path.is_file():
+            eos = _eos_ids(read_json(gen_path).get("eos_token_id"))
+        # LlamaConfig checks every value (types, signs, head counts, rope keys).
         config = LlamaConfig(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
-            num_attention_heads=int(raw["num_attention_heads"]),
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=raw["num_attention_heads"],
             num_key_value_heads=raw.get("num_key_value_heads"),
             head_dim=raw.get("head_dim"),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=value("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=None if rope_type == "default" else rope,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
-            mlp_bias=bool(raw.get("mlp_bias", False)),
+            max_position_embeddings=value("max_position_embeddings", 2048),
+            tie_word_embeddings=value("tie_word_embeddings", False),
+            attention_bias=value("attention_bias", False),
+            mlp_bias=value("mlp_bias", False),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=eos,
         )
-        rope_inv_freq(config)  # refuses rope types we cannot reproduce, before any weight is read
-    except (KeyError, TypeError, ValueError) as e:
+    except ConfigError as e:
         raise SourceError(f"{path}: {e}") from None
     return config
 

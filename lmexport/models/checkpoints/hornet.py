@@ -25,6 +25,26 @@ SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 STATE_DICT_KEYS = ("model", "state_dict")  # where training scripts put the weights
 
 
+# What torch's weights-only unpickler says when a file asks for more than tensors and plain
+# containers: a class or function by name, or an object built or called outside the allowlist.
+# Any other unpickling error (an unknown opcode, a cut-off stream) means the bytes are not a
+# checkpoint at all.
+UNSAFE_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) (?:was not an allowed global|whose module)")
+UNSAFE_OBJECT = (
+    "Trying to call reduce for unrecognized function",
+    "Can only create new object for",
+    "Can only build Tensor, Parameter, OrderedDict or types allowlisted",
+    "must be imported to load",
+)
+
+
+def _unpickler_reason(message: str) -> str:
+    """The unpickler's own words, without torch's advice around them."""
+    inner = message.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in inner.splitlines() if line.strip()]
+    return lines[0][:200] if lines else "unreadable pickle"
+
+
 def _load(path: Path) -> Any:
     # A zip checkpoint (torch ≥ 1.6) is memory-mapped: tensors are not read until copied.
     mmap = zipfile.is_zipfile(path)
@@ -32,11 +52,16 @@ def _load(path: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"the class or function {found.group(1)}" if found else "objects"
+        message = str(e)
+        found = UNSAFE_GLOBAL.search(message)
+        if found or any(words in message for words in UNSAFE_OBJECT):
+            what = f"the class or function {found.group(1)}" if found else "objects"
+            raise SourceError(
+                f"{path}: refused: unpickling it needs {what}, which could run code "
+                "(only tensors, plain containers and argparse.Namespace are read)"
+            ) from None
         raise SourceError(
-            f"{path}: refused: unpickling it needs {what}, which could run code "
-            "(only tensors, plain containers and argparse.Namespace are read)"
+            f"{path}: not a readable PyTorch checkpoint ({_unpickler_reason(message)})"
         ) from None
     except Exception as e:  # torch.load raises many types for files that are not checkpoints
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -29,6 +29,16 @@ from .hornet import read_state_dict
 
 PARAMS = "params.json"
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps")
+# LlamaConfig's field names → params.json's, for messages.
+META_NAMES = {
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "rms_norm_eps": "norm_eps",
+    "max_position_embeddings": "max_seq_len",
+    "intermediate_size": "the FFN width (from dim, multiple_of, ffn_dim_multiplier)",
+}
 SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 # Llama 3.1's rotary scaling, which Meta's code applies when params.json sets use_scaled_rope.
 LLAMA31_ROPE = {
@@ -126,37 +136,43 @@ def config_from_params(
     """`vocab_size` comes from the caller: Llama 2's params.json says -1 (the tokenizer's size),
     which the checkpoint's own shapes then give. `tied`: the checkpoint has no output weight
     (torchtune's Llama 3.2 shares the embedding)."""
-    dim, n_heads, n_layers = (_int(raw, k, path) for k in ("dim", "n_heads", "n_layers"))
-    n_kv_heads = _int(raw, "n_kv_heads", path) if raw.get("n_kv_heads") is not None else n_heads
-    multiple_of = _int(raw, "multiple_of", path)
-    if min(dim, n_heads, n_kv_heads, multiple_of, n_layers) <= 0:
-        raise SourceError(f"{path}: dim, n_layers, n_heads, n_kv_heads, multiple_of must be > 0")
-    if dim % (2 * n_heads):  # rotary pairs up each head's features
-        raise SourceError(f"{path}: dim {dim} is not a multiple of 2 x n_heads ({n_heads})")
+    # LlamaConfig checks the sizes (positive, heads dividing dim and each other, an even head
+    # width); its messages are put in params.json's names. `dim` and `multiple_of` are checked
+    # here first because the FFN width is computed from them.
+    dim, multiple_of = _int(raw, "dim", path), _int(raw, "multiple_of", path)
+    if multiple_of <= 0:
+        raise SourceError(f"{path}: multiple_of must be a positive integer, got {multiple_of}")
     scaled = bool(raw.get("use_scaled_rope", False))
+    rope_theta = raw.get("rope_theta", 10000.0)  # Llama 2's files leave it out
+    # Meta's code takes the context from its caller (max_seq_len); the released models were
+    # trained to 4096 (Llama 2), 8192 (Llama 3), 131072 (Llama 3.1 on, scaled rotary).
+    big_theta = isinstance(rope_theta, (int, float)) and rope_theta >= 500000
+    context = 131072 if scaled else 8192 if big_theta else 4096
+    ffn_multiplier = raw.get("ffn_dim_multiplier")
+    if ffn_multiplier is not None and (
+        isinstance(ffn_multiplier, bool) or not isinstance(ffn_multiplier, (int, float))
+    ):
+        raise SourceError(f"{path}: ffn_dim_multiplier must be a number, got {ffn_multiplier!r}")
     try:
-        rope_theta = float(raw.get("rope_theta", 10000.0))  # Llama 2's files leave it out
-        # Meta's code takes the context from its caller (max_seq_len); the released models
-        # were trained to 4096 (Llama 2), 8192 (Llama 3), 131072 (Llama 3.1 on, scaled rotary).
-        context = 131072 if scaled else 8192 if rope_theta >= 500000 else 4096
-        ffn_multiplier = raw.get("ffn_dim_multiplier")
+        n_heads = raw["n_heads"]
         return LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=dim,
             intermediate_size=intermediate_size(
                 dim, multiple_of, None if ffn_multiplier is None else float(ffn_multiplier)
             ),
-            num_hidden_layers=n_layers,
+            num_hidden_layers=raw["n_layers"],
             num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads,
-            rms_norm_eps=float(raw["norm_eps"]),
+            num_key_value_heads=n_heads if raw.get("n_kv_heads") is None else raw["n_kv_heads"],
+            rms_norm_eps=raw["norm_eps"],
             rope_theta=rope_theta,
             rope_scaling=dict(LLAMA31_ROPE) if scaled else None,
-            max_position_embeddings=int(raw.get("max_seq_len", context)),
+            max_position_embeddings=raw.get("max_seq_len", context),
             tie_word_embeddings=tied,
         )
     except (TypeError, ValueError) as e:
-        raise SourceError(f"{path}: {e}") from None
+        message = re.sub(r"\b\w+\b", lambda m: META_NAMES.get(m[0], m[0]), str(e))
+        raise SourceError(f"{path}: {message}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
