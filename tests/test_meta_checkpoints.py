@@ -346,3 +346,18 @@ def test_mis_shaped_or_foreign_tensors_are_named(tmp_path: Path) -> None:
         ["convert", str(folder), "-o", str(tmp_path / "out")], "'layers.0.attention.bias'"
     )
     assert list(tmp_path.glob("*out*")) == []
+
+
+@pytest.mark.parametrize(
+    ("tied", "stated", "factor"), [(False, None, 8.0), (True, None, 32.0), (True, 16.0, 16.0)]
+)
+def test_scaled_rope_factor(tied: bool, stated: float | None, factor: float) -> None:
+    """Llama 3.2 1B/3B (the tied ones) were trained with factor 32, the others with 8; a
+    params.json that states rope_scaling_factor is taken at its word."""
+    raw = {"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 256, "multiple_of": 32}
+    raw |= {"norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+    if stated is not None:
+        raw["rope_scaling_factor"] = stated
+    config = meta.config_from_params(raw, Path("params.json"), 256, tied)
+    assert config.rope_scaling is not None and config.rope_scaling["factor"] == factor
+    assert config.rope_scaling["original_max_position_embeddings"] == 8192

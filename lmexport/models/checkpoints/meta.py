@@ -41,6 +41,11 @@ META_NAMES = {
 }
 SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 # Llama 3.1's rotary scaling, which Meta's code applies when params.json sets use_scaled_rope.
+# Its factor is 8 for every released model but Llama 3.2 1B and 3B, trained with 32 (their
+# Hugging Face configs; Meta's reference code kept 8, meta-llama/llama-models#166 and #241):
+# those two are the only ones whose embedding is also the LM head, so a tied checkpoint gets 32.
+# A params.json that states `rope_scaling_factor` is taken at its word.
+LLAMA32_SMALL_FACTOR = 32.0
 LLAMA31_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -130,6 +135,11 @@ def _int(raw: dict[str, Any], key: str, path: Path) -> int:
     return value
 
 
+def _scaled_rope(raw: dict[str, Any], tied: bool) -> dict[str, Any]:
+    default = LLAMA32_SMALL_FACTOR if tied else LLAMA31_ROPE["factor"]
+    return {**LLAMA31_ROPE, "factor": raw.get("rope_scaling_factor", default)}
+
+
 def config_from_params(
     raw: dict[str, Any], path: Path, vocab_size: int, tied: bool = False
 ) -> LlamaConfig:
@@ -166,7 +176,7 @@ def config_from_params(
             num_key_value_heads=n_heads if raw.get("n_kv_heads") is None else raw["n_kv_heads"],
             rms_norm_eps=raw["norm_eps"],
             rope_theta=rope_theta,
-            rope_scaling=dict(LLAMA31_ROPE) if scaled else None,
+            rope_scaling=_scaled_rope(raw, tied) if scaled else None,
             max_position_embeddings=raw.get("max_seq_len", context),
             tie_word_embeddings=tied,
         )
