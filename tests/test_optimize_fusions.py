@@ -183,18 +183,21 @@ def test_interleaved_rotary(target: str, tmp_path: Path) -> None:
     assert check_same(model, fused) <= 1e-5
 
 
-class TiledAttention(PaddingOnlyAttention):
+def causal_probs(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the keys that both the causal and the padding mask allow."""
+    causal = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool).tril()
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+    return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
+
+
+class TiledAttention(nn.Module):
     """Grouped attention whose K/V repeat is Tensor.repeat (Tile): query head h reads kv head
     h % kv_heads, not h // groups as repeat_kv pairs them."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1)
-        scores = (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5
-        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-        allowed = causal[None, None] & mask.bool()[:, None, None, :]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        return scores.softmax(-1) @ v
+        return causal_probs((q @ k.transpose(2, 3)) * HEAD_DIM**-0.5, mask) @ v
 
 
 def test_tiled_kv_repeat(tmp_path: Path) -> None:
@@ -207,18 +210,14 @@ def test_tiled_kv_repeat(tmp_path: Path) -> None:
     assert check_same(model, fused) <= 1e-5
 
 
-class DivScaleAttention(TiledAttention):
+class DivScaleAttention(nn.Module):
     """Scores divided by sqrt(head_dim), as ordinary code writes it (an ONNX Div)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-        scores = q @ k.transpose(2, 3) / math.sqrt(HEAD_DIM)
-        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-        allowed = causal[None, None] & mask.bool()[:, None, None, :]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        return scores.softmax(-1) @ v
+        return causal_probs(q @ k.transpose(2, 3) / math.sqrt(HEAD_DIM), mask) @ v
 
 
 def test_attention_with_divided_scores(tmp_path: Path) -> None:
