@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LmexportError as e:
-            if ctx.params.get("debug"):
-                raise
+            if ctx.params.get("debug"):  # the traceback too, but still bad input: exit code 2
+                traceback.print_exc()
             raise _BadInput(str(e)) from None
         except click.exceptions.NoArgsIsHelpError:
             raise

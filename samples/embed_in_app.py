@@ -30,6 +30,17 @@ from lmexport.runtime import LlamaRunner, load_chat_template
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, name: str, kind: type = float) -> Any:
+    """A JSON number as given ("1.7" tokens, `true` as a temperature are refused, not cast)."""
+    if _is_int(value) or (kind is float and isinstance(value, float)):
+        return value
+    raise LmexportError(f'"{name}" must be {"an integer" if kind is int else "a number"}')
+
+
 class Generator:
     """The model, loaded once, shared by the request threads (one generation at a time)."""
 
@@ -42,11 +53,17 @@ class Generator:
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         if ("prompt" in request) == ("ids" in request):
             raise LmexportError('give either "prompt" or "ids"')
-        options = {k: request[k] for k in SAMPLING if k in request}
-        max_new_tokens = int(request.get("max_new_tokens", 32))
+        options = {
+            k: _number(request[k], k, int if k in ("top_k", "seed") else float)
+            for k in SAMPLING
+            if k in request
+        }
+        max_new_tokens = _number(request.get("max_new_tokens", 32), "max_new_tokens", int)
         eos = list(self.runner.eos_token_ids)
         if "ids" in request:
-            ids = [int(t) for t in request["ids"]]
+            ids = request["ids"]
+            if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+                raise LmexportError('"ids" must be a list of integers')
         elif request.get("chat"):
             template = load_chat_template(self.folder)
             messages = [{"role": "user", "content": str(request["prompt"])}]

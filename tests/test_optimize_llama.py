@@ -16,7 +16,7 @@ import torch
 
 import lmexport
 
-from helpers import assert_no_training_outputs, random_transformers_llama
+from helpers import assert_bad_input, assert_no_training_outputs, random_transformers_llama
 
 transformers = pytest.importorskip("transformers")
 LAYERS = 4  # llama-tiny
@@ -71,6 +71,8 @@ def test_plain_export_to_ort(
     for gqa in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
         for name in gqa.input[:5]:
             assert name == "" or producers.get(name) is None or producers[name].op_type != "Expand"
+    # onnxruntime-genai can run it, as a `convert --target ort` folder (cached graphs only).
+    assert (folder / "genai_config.json").is_file() == (cache == "kv")
     report = lmexport.verify(folder, steps=16)  # PyTorch vs the optimized graph, end to end
     assert report.passed, report.table()
     assert report.metrics["logits"]["max_abs"] <= 1e-4
@@ -85,8 +87,18 @@ def test_plain_export_to_onnx(plain_folders: dict[str, Path], cache: str, tmp_pa
     assert counts["RotaryEmbedding"] == 2 * LAYERS
     assert counts["RMSNormalization"] == 2 * LAYERS + 1
     assert counts["Softmax"] == 0 and {n.domain for n in fused.graph.node} == {""}
+    assert not (folder / "genai_config.json").exists()
     report = lmexport.verify(folder, steps=16)
     assert report.passed, report.table()
+
+
+def test_folder_of_another_target_refused(tmp_path: Path) -> None:
+    """An `ort` folder's graph keeps its com.microsoft ops: `--target onnx` would record a
+    standard-ops folder that is not one."""
+    folder = lmexport.convert("llama-tiny", tmp_path / "ort")
+    assert_bad_input(["optimize", str(folder), "-o", str(tmp_path / "o"), "--target", "onnx"],
+                     "`ort` export", "--target plain")  # fmt: skip
+    assert not (tmp_path / "o").exists()
 
 
 def export_transformers(impl: str, path: Path) -> torch.nn.Module:

@@ -79,6 +79,11 @@ def test_embed_in_app(server: str, chat_folder: Path) -> None:
         ({"ids": [1], "top_p": 2}, "top-p"),
         ({"ids": [1], "prompt": "x"}, "either"),
         ({"ids": [1], "max_new_tokens": 600}, "context"),
+        ({"ids": "123"}, "list of integers"),  # not the ids 1, 2, 3
+        ({"ids": [1.7]}, "list of integers"),
+        ({"ids": [1], "temperature": True}, "temperature"),
+        ({"ids": [1], "top_k": 2.5}, "top_k"),
+        ({"ids": [1], "max_new_tokens": "8"}, "max_new_tokens"),
     ],
 )
 def test_embed_in_app_bad_input(server: str, body: dict[str, Any], word: str) -> None:

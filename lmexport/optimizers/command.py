@@ -157,15 +157,23 @@ def _optimize_folder(
     import shutil
 
     from ..exporter.folder import save_model, staged_folder, write_manifest
-    from ..runtime.manifest import MANIFEST, MODEL_FILE, read_manifest
+    from ..exporter.genai import GENAI_CONFIG, write_genai_config
+    from ..runtime.manifest import MANIFEST, MODEL_FILE, grouped_attention_layers, read_manifest
 
     manifest = read_manifest(source)
+    if manifest["target"] not in ("plain", target):
+        # Its graph keeps the other target's ops, which the new manifest would deny.
+        raise LmexportError(
+            f"{source}: is a `{manifest['target']}` export; optimize takes a `--target plain` "
+            f"folder (or one already `{target}`)"
+        )
     if quantize is not None:
         check_quantizable({**manifest, "target": target})
     fused, report = _optimized(load_onnx(source / MODEL_FILE), target, check, tolerance)
     with staged_folder(output, force) as stage:
         for item in source.iterdir():
-            if item.name not in (MANIFEST, MODEL_FILE, MODEL_FILE + ".data") and item.is_file():
+            written_here = (MANIFEST, MODEL_FILE, MODEL_FILE + ".data", GENAI_CONFIG)
+            if item.name not in written_here and item.is_file():
                 shutil.copy2(item, stage / item.name)
         opset = next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx"))
         passes = {**manifest.get("passes", {}), "optimize": report.applied_by_fusion()}
@@ -175,6 +183,11 @@ def _optimize_folder(
             fused = quantize_into(fused, quantize, manifest, stage)
         save_model(fused, stage)
         write_manifest(stage, manifest)
+        # As `convert --target ort` writes it: a cached graph grouped in every layer.
+        config = manifest["config"]
+        grouped = (grouped_attention_layers(manifest) or 0) >= config.get("num_hidden_layers", 1)
+        if manifest["arch"] == "llama" and manifest["kv_cache"] and grouped:
+            write_genai_config(stage, config)
     return report
 
 

@@ -12,7 +12,10 @@ def load_tokenizer(folder: str | Path) -> Any:
     """A `tokenizers.Tokenizer`, or a clear error when the folder has none."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
-        raise LmexportError(f"{folder}: no tokenizer.json, so text cannot be encoded (use --ids)")
+        raise LmexportError(
+            f"{folder}: no tokenizer.json, so there is no text to encode or decode (work in token "
+            "ids: --ids, generate() or stream())"
+        )
     try:
         from tokenizers import Tokenizer
     except ImportError:
