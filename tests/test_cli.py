@@ -116,10 +116,15 @@ def test_verify_failure_exit_code(tiny_folder: Path, tmp_path: Path) -> None:
         small_config(vocab_size=512, hidden_size=64, num_hidden_layers=4, intermediate_size=176),
         seed=5,
     )
+    report = tmp_path / "v.json"
     code, out, _ = run(
-        "verify", str(tiny_folder), "--steps", "4", "--source", str(tmp_path / "other")
-    )
+        "verify", str(tiny_folder), "--steps", "4", "--source", str(tmp_path / "other"),
+        "--json", str(report),
+    )  # fmt: skip
     assert code == 1 and "FAIL" in out
+    # Failed on the logits themselves, not only on the other source's weight digest.
+    logits = next(c for c in json.loads(report.read_text())["checks"] if c["name"] == "logits")
+    assert not logits["passed"] and logits["metrics"]["max_abs"] > 1e-4
 
 
 def test_inspect(tiny_folder: Path) -> None:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -123,12 +124,16 @@ def test_tiny_7x7_parity_any_size(tiny_7x7: Path) -> None:
         ("hornet-small-gf", "ort"),
         ("hornet-tiny-gf-384", "ort"),
         ("hornet-tiny-gf", "plain"),  # the global filters as onnxruntime DFT ops
+        ("hornet-tiny-gf", "onnx"),  # standard ops only
     ],
 )
 def test_variant_parity(preset: str, target: str, tmp_path: Path) -> None:
     out = lmexport.convert(preset, tmp_path / "out", target=target)
     report = lmexport.verify(out)
     assert_parity(report)
+    if target == "onnx":
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
     if preset.endswith("384"):
         assert "logits_b3_384x384" in report.metrics
 

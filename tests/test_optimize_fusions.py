@@ -83,6 +83,23 @@ def run_both(
     return before, after
 
 
+# check_same feeds masks of ones and positions 0/1: these make the mask and the rotary cache
+# past row 1 matter. The second row is left-padded by two; its first two queries see no key.
+LEFT_PADDED = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=np.int64)
+FAR_POSITIONS = np.arange(5) + np.array([[0], [300]])
+
+
+def assert_real_rows_match(
+    model: onnx.ModelProto, fused: onnx.ModelProto, feeds: dict[str, np.ndarray], axis: int
+) -> None:
+    """The graphs agree at every query position of `axis` that LEFT_PADDED marks real (a fully
+    masked row is not compared: fused Attention gives zeros where the graph averages)."""
+    before, after = run_both(model, fused, feeds)
+    for row, real in enumerate(LEFT_PADDED.astype(bool)):
+        b, a = (np.compress(real, out[row], axis=axis - 1) for out in (before, after))
+        assert np.abs(b - a).max() <= 1e-5, row
+
+
 def rotary_inputs() -> tuple[Tensor, Tensor]:
     x = torch.randn(2, HEADS, 5, HEAD_DIM)
     return x, torch.arange(5).repeat(2, 1)
@@ -124,6 +141,11 @@ def attention_inputs() -> tuple[Tensor, ...]:
     return q, k, v, torch.ones(2, 5, dtype=torch.int64)
 
 
+def padded_attention_feeds() -> dict[str, np.ndarray]:
+    q, k, v, _ = (t.numpy() for t in attention_inputs())
+    return {"q": q, "k": k, "v": v, "mask": LEFT_PADDED}
+
+
 def test_attention_without_causal_mask(tmp_path: Path) -> None:
     """Attention-23 takes any mask; GroupQueryAttention is causal, so `ort` must not use it."""
     model = export(
@@ -133,12 +155,14 @@ def test_attention_without_causal_mask(tmp_path: Path) -> None:
     ops = Counter(n.op_type for n in fused.graph.node)
     assert ops["Attention"] == 1 and ops["Softmax"] == 0
     assert check_same(model, fused) <= 1e-5
+    assert_real_rows_match(model, fused, padded_attention_feeds(), axis=2)
 
     fused, report = optimize_model(model, "ort")
     assert "GroupQueryAttention" not in {n.op_type for n in fused.graph.node}
     gqa = next(f for f in report.fusions if f.name == "group_query_attention")
     assert gqa.applied == 0
     assert check_same(model, fused) <= 1e-5
+    assert_real_rows_match(model, fused, padded_attention_feeds(), axis=2)
 
 
 class SwiGLU(nn.Module):
@@ -181,6 +205,9 @@ def test_interleaved_rotary(target: str, tmp_path: Path) -> None:
     (rotary,) = [n for n in fused.graph.node if n.op_type == "RotaryEmbedding"]
     assert next(a.i for a in rotary.attribute if a.name == "interleaved") == 1
     assert check_same(model, fused) <= 1e-5
+    x = rotary_inputs()[0].numpy()
+    before, after = run_both(model, fused, {"x": x, "positions": FAR_POSITIONS})
+    assert np.abs(before - after).max() <= 1e-5  # cache rows past 1 (check_same feeds 0 and 1)
 
 
 def causal_probs(scores: Tensor, mask: Tensor) -> Tensor:
@@ -208,6 +235,7 @@ def test_tiled_kv_repeat(tmp_path: Path) -> None:
     ops = Counter(n.op_type for n in fused.graph.node)
     assert ops["Attention"] == 1 and ops["Tile"] == 0 and ops["Softmax"] == 0
     assert check_same(model, fused) <= 1e-5
+    assert_real_rows_match(model, fused, padded_attention_feeds(), axis=2)
 
 
 class DivScaleAttention(nn.Module):
@@ -231,6 +259,7 @@ def test_attention_with_divided_scores(tmp_path: Path) -> None:
     scale = next(a.f for a in attention.attribute if a.name == "scale")
     assert np.isclose(scale, HEAD_DIM**-0.5)
     assert check_same(model, fused) <= 1e-4
+    assert_real_rows_match(model, fused, padded_attention_feeds(), axis=2)
 
 
 class TiledBiasAttention(nn.Module):
@@ -307,6 +336,8 @@ def test_group_query_attention_needs_a_causal_mask(causal: bool, tmp_path: Path)
         gqa = next(f for f in report.fusions if f.name == "group_query_attention")
         assert any("no causal part" in reason for reason in gqa.refused), gqa.refused
     assert check_same(model, fused) <= 1e-4
+    feeds = {"x": x.numpy(), "positions": FAR_POSITIONS, "attention_mask": LEFT_PADDED}
+    assert_real_rows_match(model, fused, feeds, axis=1)
 
 
 class SequenceFirstRotary(nn.Module):

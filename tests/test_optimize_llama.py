@@ -18,7 +18,6 @@ import lmexport
 
 from helpers import assert_bad_input, assert_no_training_outputs, random_transformers_llama
 
-transformers = pytest.importorskip("transformers")
 LAYERS = 4  # llama-tiny
 
 
@@ -136,6 +135,7 @@ def export_transformers(impl: str, path: Path) -> torch.nn.Module:
 @pytest.mark.parametrize("target", ["ort", "onnx"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_transformers_export(impl: str, target: str, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")  # the other tests here need only lmexport
     model = export_transformers(impl, tmp_path / "hf.onnx")
     out = tmp_path / "opt.onnx"
     report = lmexport.optimize(tmp_path / "hf.onnx", out, target=target)
