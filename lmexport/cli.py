@@ -298,7 +298,7 @@ def verify(
     report = run_verify(folder, source=source, provider=provider, steps=steps, seed=seed)
     click.echo(report.table())
     if json_path is not None:
-        _write(json_path, json.dumps(report.to_dict(), indent=2))
+        _write(json_path, report.to_json())
     if not report.passed:
         sys.exit(1)
 

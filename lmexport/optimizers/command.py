@@ -158,7 +158,7 @@ def _optimize_folder(
 
     from ..exporter.folder import save_model, staged_folder, write_manifest
     from ..exporter.genai import GENAI_CONFIG, write_genai_config
-    from ..runtime.manifest import MANIFEST, MODEL_FILE, grouped_attention_layers, read_manifest
+    from ..runtime.manifest import MANIFEST, MODEL_FILE, every_layer_grouped, read_manifest
 
     manifest = read_manifest(source)
     if manifest["target"] not in ("plain", target):
@@ -184,10 +184,8 @@ def _optimize_folder(
         save_model(fused, stage)
         write_manifest(stage, manifest)
         # As `convert --target ort` writes it: a cached graph grouped in every layer.
-        config = manifest["config"]
-        grouped = (grouped_attention_layers(manifest) or 0) >= config.get("num_hidden_layers", 1)
-        if manifest["arch"] == "llama" and manifest["kv_cache"] and grouped:
-            write_genai_config(stage, config)
+        if manifest["arch"] == "llama" and manifest["kv_cache"] and every_layer_grouped(manifest):
+            write_genai_config(stage, manifest["config"])
     return report
 
 

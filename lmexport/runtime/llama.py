@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import LmexportError, RuntimeInputError
 from .batching import is_ragged, left_pad
 from .device_cache import DeviceCache, keeps_logits
-from .manifest import LOGITS_TO_KEEP, MODEL_FILE, grouped_attention_layers, read_manifest
+from .manifest import LOGITS_TO_KEEP, MODEL_FILE, every_layer_grouped, read_manifest
 from .sampling import Sampling, choose
 from .session import create_session, session_provider
 from .speculative import SpeculativeStats, speculative_stream
@@ -48,10 +48,7 @@ class LlamaRunner:
         self.config: dict[str, Any] = manifest["config"]
         self.kv_cache: bool = bool(manifest["kv_cache"])
         self.num_layers: int = int(self.config["num_hidden_layers"])
-        grouped = grouped_attention_layers(manifest)
-        if grouped is None:
-            grouped = self.num_layers if manifest.get("target") == "ort" else 0
-        self._gqa = self.kv_cache and grouped >= self.num_layers
+        self._gqa = self.kv_cache and every_layer_grouped(manifest)
         self.vocab_size: int = int(self.config["vocab_size"])
         self.eos_token_ids: list[int] = list(self.config.get("eos_token_id") or [])
         self.session = create_session(folder / MODEL_FILE, provider, threads, spinning)

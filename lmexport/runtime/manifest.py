@@ -48,14 +48,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def grouped_attention_layers(manifest: dict[str, Any]) -> int | None:
-    """How many layers attend through com.microsoft::GroupQueryAttention, from what `convert`
-    (op counts) and `optimize` (fusion counts, on top of its source's) recorded; None for a
-    folder that records neither. A `target` of "ort" alone does not say it: `optimize` keeps
-    the target it was asked for when the fusion refused a layer."""
+def every_layer_grouped(manifest: dict[str, Any]) -> bool:
+    """Whether every layer attends through com.microsoft::GroupQueryAttention, from what
+    `convert` (op counts) and `optimize` (fusion counts, on top of its source's) recorded; a
+    folder that records neither was, when its target is "ort". The target alone does not say
+    it otherwise: `optimize` keeps the target it was asked for when the fusion refused a layer."""
     passes = manifest.get("passes")
     if not isinstance(passes, dict):
-        return None
+        return manifest.get("target") == "ort"
     exported = (passes.get("export") or {}).get("GroupQueryAttention", 0)
     fused = (passes.get("optimize") or {}).get("group_query_attention", 0)
-    return int(exported) + int(fused)
+    return int(exported) + int(fused) >= int(manifest["config"]["num_hidden_layers"])

@@ -37,8 +37,11 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        Path(path).write_text(self.to_json())
 
     def table(self) -> str:
         head = [
