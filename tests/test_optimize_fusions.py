@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lmexport.optimizers import optimize_model
-from lmexport.optimizers.command import check_same
+from lmexport.optimizers.check import check_same
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 
@@ -83,8 +83,9 @@ def run_both(
     return before, after
 
 
-# check_same feeds masks of ones and positions 0/1: these make the mask and the rotary cache
-# past row 1 matter. The second row is left-padded by two; its first two queries see no key.
+# check_same pads one position of one row, and feeds positions below 4 to a graph that gathers
+# them from a table by GatherND (TableRotary): these go further. The second row is left-padded
+# by two; its first two queries see no key.
 LEFT_PADDED = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=np.int64)
 FAR_POSITIONS = np.arange(5) + np.array([[0], [300]])
 
@@ -207,7 +208,7 @@ def test_interleaved_rotary(target: str, tmp_path: Path) -> None:
     assert check_same(model, fused) <= 1e-5
     x = rotary_inputs()[0].numpy()
     before, after = run_both(model, fused, {"x": x, "positions": FAR_POSITIONS})
-    assert np.abs(before - after).max() <= 1e-5  # cache rows past 1 (check_same feeds 0 and 1)
+    assert np.abs(before - after).max() <= 1e-5  # rows 300 and on, named
 
 
 def causal_probs(scores: Tensor, mask: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """`lmexport optimize IN.onnx -o OUT.onnx`: load, fuse, prove the result computes the same, write.
 
-The proof runs both graphs in onnxruntime on generated inputs of the graph's own shapes; a
-result that differs is never written.
+The proof (`check.check_same`) runs both graphs in onnxruntime on generated inputs of the
+graph's own shapes; a result that differs is never written.
 """
 
 from __future__ import annotations
@@ -10,90 +10,15 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 
 from ..errors import LmexportError
 from ..onnx_files import load_onnx, save_onnx
 from ..quantize import QuantizeOptions, as_options, check_quantizable, quantize_into
-from ..runtime.session import QUIET
+from .check import check_same
 from .hornet_pipeline import is_image_model, optimize_image_model
 from .pipeline import optimize_model
 from .report import Report
-
-CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths (0)
-
-
-def _generated_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Inputs a decoder-like graph accepts: ids inside the vocabulary, masks of ones, and past
-    tensors of length 0 so that `total = past + sequence` holds whatever the graph calls them."""
-    rng = np.random.default_rng(0)
-    initializers = {t.name: t for t in model.graph.initializer}
-    vocab = {
-        n.input[1]: initializers[n.input[0]].dims[0]
-        for n in model.graph.node
-        if n.op_type == "Gather" and n.input[0] in initializers
-    }
-    past_only = {
-        d.dim_param
-        for i in model.graph.input
-        if "past" in i.name
-        for d in i.type.tensor_type.shape.dim
-        if d.dim_param
-    }
-    for i in model.graph.input:
-        if "past" not in i.name:
-            past_only -= {d.dim_param for d in i.type.tensor_type.shape.dim}
-    feeds = {}
-    for i in model.graph.input:
-        if i.name in initializers:
-            continue
-        t = i.type.tensor_type
-        shape = [
-            d.dim_value if d.dim_value else (0 if d.dim_param in past_only else CHECK_DIM)
-            for d in t.shape.dim
-        ]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if np.issubdtype(dtype, np.integer):
-            high = vocab.get(i.name, 2)
-            data = np.ones(shape) if "mask" in i.name else rng.integers(0, high, size=shape)
-            feeds[i.name] = data.astype(dtype)
-        else:
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.log_severity_level = QUIET
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
-def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
-    """Largest output difference between the graphs, relative to the output's scale."""
-    feeds = _generated_inputs(before)
-    try:
-        expected = _run(before, feeds)
-    except Exception as e:  # onnxruntime's own exception types are not importable stably
-        raise LmexportError(
-            f"cannot run the input graph on generated inputs ({str(e).splitlines()[0][:200]}); "
-            "use --no-check to skip the parity check"
-        ) from None
-    try:
-        got = _run(after, feeds)
-    except Exception as e:  # a fusion onnxruntime refuses: report it, write nothing
-        raise LmexportError(
-            f"the optimized graph fails in onnxruntime ({str(e).splitlines()[0][:200]}); "
-            "nothing written"
-        ) from None
-    worst = 0.0
-    for ref, out in zip(expected, got, strict=True):
-        scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
-        worst = max(worst, float(np.abs(ref.astype(np.float64) - out).max(initial=0.0)) / scale)
-    return worst
 
 
 def optimize_file(
