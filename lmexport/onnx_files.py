@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
@@ -9,6 +10,14 @@ import onnx
 from .errors import LmexportError
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to a .data file
+
+
+def umask_mode(path: Path, mode: int) -> None:
+    """Give a mkstemp/mkdtemp result (private, 600/700) the mode an ordinary file (mode 0o666)
+    or folder (0o777) gets under the umask, as the output it is staged to become."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(mode & ~umask)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, data_location: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import onnx
 
 from ..errors import OutputError
-from ..onnx_files import save_onnx
+from ..onnx_files import save_onnx, umask_mode
 from ..runtime.manifest import MANIFEST, MODEL_FILE
 from ..runtime.manifest import SUPPORTED_FORMAT as FORMAT_VERSION
 
@@ -42,9 +41,7 @@ def staged_folder(outdir: Path, force: bool) -> Iterator[Path]:
         raise OutputError(f"{parent}: cannot write here ({e.strerror})") from None
     try:
         yield stage
-        umask = os.umask(0)
-        os.umask(umask)
-        stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        umask_mode(stage, 0o777)
         if outdir.exists():
             shutil.rmtree(outdir)
         stage.rename(outdir)

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import LmexportError
-from ..onnx_files import load_onnx, save_onnx
+from ..onnx_files import load_onnx, save_onnx, umask_mode
 from ..quantize import QuantizeOptions, as_options, check_quantizable, quantize_into
 from .check import check_same
 from .hornet_pipeline import is_image_model, optimize_image_model
@@ -121,9 +121,7 @@ def _save(model: onnx.ModelProto, output: Path) -> None:
         raise LmexportError(f"{parent}: folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+    umask_mode(Path(tmp), 0o666)
     try:
         save_onnx(model, Path(tmp), output.name + ".data")
         os.replace(tmp, output)
