@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmexport.errors import LmexportError
-from lmexport.models.llama import LlamaConfig
+from lmexport.models.llama import Llama, LlamaConfig
 
 from helpers import assert_bad_input, run, small_config, write_hf_folder
 
@@ -117,6 +117,23 @@ def test_config_errors_are_lmexport_and_value_errors() -> None:
     assert LlamaConfig().head_dim == 128
 
 
+def refuse_allocation(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("a model of the config's sizes was allocated before the check")
+
+
+def test_config_larger_than_its_weights_refused_before_allocating(
+    hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights' headers are checked first: a model of 10^7 intermediate size (2.5 GB a
+    layer here; 28 GB for Llama 3 8B's width) is never built only to be refused."""
+    folder = changed_copy(hf_folder, tmp_path, intermediate_size=10**7)
+    monkeypatch.setattr("lmexport.models.source.Llama", refuse_allocation)
+    out = tmp_path / "out"
+    words = ("model.safetensors", "mlp", "10000000")
+    assert_bad_input(["convert", str(folder), "-o", str(out)], *words)
+    assert not out.exists()
+
+
 # -- Meta folders: the same checks, in params.json's names --------------------------------------
 
 META_PARAMS = {
@@ -150,6 +167,26 @@ def test_meta_params_are_checked(tmp_path: Path, changes: dict[str, Any], words:
     torch.save({"tok_embeddings.weight": torch.zeros(256, 64)}, folder / "consolidated.00.pth")
     out = tmp_path / "out"
     assert_bad_input(["convert", str(folder), "-o", str(out)], "params.json", *words)
+    assert not out.exists()
+
+
+def test_meta_params_larger_than_the_weights_refused_before_allocating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmexport.models.checkpoints import meta
+
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    config = meta.config_from_params(META_PARAMS, folder / "params.json", 256)
+    with torch.device("meta"):
+        state = Llama(config).state_dict()
+    weights = {meta._their_name(k, False): torch.zeros(v.shape) for k, v in state.items()}
+    torch.save(weights, folder / "consolidated.00.pth")
+    # multiple_of rounds the MLP's width up to 10^7: its weights are 10^7 times 64.
+    (folder / "params.json").write_text(json.dumps({**META_PARAMS, "multiple_of": 10**7}))
+    monkeypatch.setattr("lmexport.models.checkpoints.meta.Llama", refuse_allocation)
+    out = tmp_path / "out"
+    assert_bad_input(["convert", str(folder), "-o", str(out)], "w1", "[10000000, 64]")
     assert not out.exists()
 
 

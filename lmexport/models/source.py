@@ -13,6 +13,7 @@ from ..errors import SourceError
 from . import hornet, lora
 from .checkpoints import gguf, hf, meta
 from .checkpoints import hornet as hornet_checkpoint
+from .checkpoints.lazy import open_checkpoint
 from .installed import INSTALLED, installed_path
 from .llama import Llama, LlamaConfig, init_random
 from .presets import DEFAULT_SEED, HORNET_ARCHS, PRESETS, preset_names
@@ -111,6 +112,10 @@ def _load_base(source: str, seed: int | None, arch: str | None) -> LoadedModel:
         return LoadedModel("hornet", model.eval(), str(path.resolve()), None, checkpoint_arch=arch)
     if arch is not None:
         raise SourceError(f"--arch is for checkpoint files; {source} is a model folder")
+    # Every name and shape from the files' headers (mapped, nothing read) before a model of the
+    # config's sizes is allocated: a config that overstates them would take minutes and
+    # gigabytes to be refused.
+    open_checkpoint(source)
     if not (path / "config.json").is_file() and meta.is_meta_folder(path):
         model = meta.load(path).eval()
         return LoadedModel("llama", model, str(path.resolve()), None, hf.tokenizer_files(path))
