@@ -6,12 +6,17 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
+from onnx import numpy_helper
 
 import lmexport
 from lmexport.errors import LmexportError
 from lmexport.exporter import compat
+from lmexport.models.llama import Llama, LlamaConfig, rope_inv_freq
+from lmexport.models.presets import PRESETS
 
 from helpers import assert_no_training_outputs
 
@@ -74,6 +79,30 @@ def test_float16(target: str, tmp_path: Path) -> None:
     for check in ("logits", "kv_cache", "left_padding"):
         assert report.metrics[check]["top1"] >= 0.99
     assert report.metrics["greedy"]["top1"] >= 0.99
+    # The rotary tables are float16 roundings of exact angles, not angles of float16-rounded
+    # frequencies (0.1 rad off by llama-tiny's last position, 0.4 by position 8000).
+    config = json.loads((out / "lmexport.json").read_text())["config"]
+    inv_freq = rope_inv_freq(LlamaConfig(**config)).double().numpy()
+    angles = np.outer(np.arange(config["max_position_embeddings"]), inv_freq)
+    model = onnx.load(str(out / "model.onnx"))
+    tables = [
+        numpy_helper.to_array(t).astype(np.float64)
+        for t in model.graph.initializer
+        if tuple(t.dims) == angles.shape
+    ]
+    assert len(tables) == 2
+    assert min(np.abs(t - np.cos(angles)).max() for t in tables) <= 1e-3
+    assert min(np.abs(t - np.sin(angles)).max() for t in tables) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rotary_frequencies_stay_float32(dtype: torch.dtype) -> None:
+    config = PRESETS["llama-tiny"].config
+    assert isinstance(config, LlamaConfig)
+    model = Llama(config).to(dtype)
+    assert model.lm_head.weight.dtype == dtype
+    assert model.inv_freq.dtype == torch.float32
+    assert torch.equal(model.inv_freq, rope_inv_freq(config))
 
 
 def test_runtime_without_opset_23(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

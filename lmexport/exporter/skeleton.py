@@ -91,8 +91,9 @@ def address(array: np.ndarray) -> int:
 
 
 def fake_llama(config: LlamaConfig, dtype: torch.dtype) -> Llama:
-    """The model with fake parameters in `dtype` and its real rotary frequencies, cast as
-    `model.to(dtype)` casts them in `convert`."""
+    """The model with fake parameters in `dtype`, cast as `model.to(dtype)` casts them in
+    `convert`, and its real rotary frequencies (float32 at any dtype, as `Llama._apply` keeps
+    them)."""
     with FakeTensorMode():
         model = Llama(config)
         cast: dict[int, nn.Parameter] = {}  # tied weights stay one parameter
@@ -102,7 +103,7 @@ def fake_llama(config: LlamaConfig, dtype: torch.dtype) -> Llama:
                     if id(p) not in cast:
                         cast[id(p)] = nn.Parameter(p.to(dtype), requires_grad=False)
                     module._parameters[key] = cast[id(p)]
-    model.inv_freq = rope_inv_freq(config).to(dtype)
+    model.inv_freq = rope_inv_freq(config)
     return model.eval()
 
 
