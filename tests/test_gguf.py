@@ -191,8 +191,10 @@ def test_smollm2_greedy_matches_pytorch_for_48_steps(smollm2: tuple[Path, Path])
 def test_smollm2_speculative_with_int4_draft_equals_greedy(
     smollm2: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """The natural draft: the int4 copy of the same model. Greedy speculative decoding gives
-    the fp32 target's greedy tokens exactly, whatever the draft proposes."""
+    """The natural draft: the int4 copy of the same model, which disagrees with the fp32
+    target on some greedy proposals. Greedy speculative decoding gives the target's greedy
+    tokens exactly, whatever the draft proposes: rejected proposals are replaced by the
+    target's token and both caches cut back to the accepted ones."""
     _, out = smollm2
     draft_folder = tmp_path / "int4"
     code, _, err = run("optimize", str(out), "--quantize", "int4", "-o", str(draft_folder))
@@ -203,4 +205,7 @@ def test_smollm2_speculative_with_int4_draft_equals_greedy(
     stats = SpeculativeStats()
     fast = target.generate(ids, 32, eos_token_id=[], draft=draft, draft_tokens=4, stats=stats)
     np.testing.assert_array_equal(fast, target.generate(ids, 32, eos_token_id=[]))
-    assert stats.proposed > 0 and stats.accepted > 0, stats
+    assert 0 < stats.accepted < stats.proposed, stats  # both paths: accepted and rejected
+    assert len(stats.cache_lengths) == stats.rounds
+    for sequence, big, small in stats.cache_lengths:
+        assert big == sequence - 1 and small <= sequence - 1, stats.cache_lengths

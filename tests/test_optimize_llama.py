@@ -15,8 +15,16 @@ import pytest
 import torch
 
 import lmexport
+from lmexport.models.llama import LlamaConfig
+from lmexport.optimizers import optimize_model
 
-from helpers import assert_bad_input, assert_no_training_outputs, random_transformers_llama
+from helpers import (
+    assert_bad_input,
+    assert_no_training_outputs,
+    random_transformers_llama,
+    small_config,
+    write_hf_folder,
+)
 
 LAYERS = 4  # llama-tiny
 
@@ -159,3 +167,173 @@ def test_transformers_export(impl: str, target: str, tmp_path: Path) -> None:
     real = mask.astype(bool)
     assert np.abs(got[real] - expected[real]).max() <= 1e-4
     assert json.dumps(report.to_dict())  # the report serialises
+
+
+def attribute(node: onnx.NodeProto, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+def prefill_then_steps(model: onnx.ModelProto, vocab: int) -> np.ndarray:
+    """Logits of a cached graph in onnxruntime over real inputs: a prefill of two rows, the
+    second left-padded by 3 (logits of its real tokens only: a fully masked query row is left
+    to each attention kernel), then two one-token steps over the cache it returned, the
+    `present` outputs fed back as `past_key_values`. [real tokens + 2 steps x 2 rows, vocab]."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, vocab, size=(2, 7), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for past in session.get_inputs()[2:]:
+        assert past.name.startswith("past_key_values."), past.name
+        feeds[past.name] = np.zeros((2, past.shape[1], 0, past.shape[3]), np.float32)
+    names = [o.name for o in session.get_outputs()]
+    got = []
+    for _ in range(3):
+        outputs = dict(zip(names, session.run(None, feeds), strict=True))
+        real = feeds["attention_mask"][:, -feeds["input_ids"].shape[1] :].astype(bool)
+        got.append(outputs["logits"][real])
+        step = rng.integers(0, vocab, size=(2, 1), dtype=np.int64)
+        feeds = {
+            "input_ids": step,
+            "attention_mask": np.concatenate([feeds["attention_mask"], np.ones_like(step)], 1),
+        } | {
+            name: outputs[name.replace("past_key_values.", "present.")]
+            for name in feeds
+            if name.startswith("past_key_values.")
+        }
+    assert feeds["past_key_values.0.key"].shape[2] == 9  # both steps went through the cache
+    return np.concatenate(got)
+
+
+def assert_same_logits(expected: np.ndarray, got: np.ndarray) -> None:
+    assert np.abs(expected).max() > 0.1  # not a degenerate model
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
+HEAD_LAYOUTS = {
+    "mha": small_config(num_key_value_heads=4),  # as many K/V heads as Q heads: no repeat_kv
+    "head_dim_24": small_config(head_dim=24),  # GroupQueryAttention cannot rotate it on CPU
+}
+
+
+@pytest.mark.parametrize("layout", sorted(HEAD_LAYOUTS))
+def test_plain_export_of_other_head_layouts(layout: str, tmp_path: Path) -> None:
+    """Multi-head attention (no K/V repeat to match) and a head size that is not a multiple of
+    16 (rotary stays outside GroupQueryAttention), fused for both targets and run over a cache
+    before and after."""
+    config: LlamaConfig = HEAD_LAYOUTS[layout]
+    mha = layout == "mha"
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    write_hf_folder(tmp_path / "hf", config, seed=1)
+    folder = lmexport.convert(str(tmp_path / "hf"), tmp_path / "plain", target="plain")
+    model = onnx.load(str(folder / "model.onnx"))
+    if mha:
+        assert ops(model)["Expand"] == ops(model)["Tile"] == 0  # nothing repeats K/V
+    expected = prefill_then_steps(model, config.vocab_size)
+
+    fused, report = optimize_model(model, "ort")
+    applied = report.applied_by_fusion()
+    for name, count in {"rms_norm": 2 * layers + 1, "rotary": 2 * layers, "attention": layers,
+                        "group_query_attention": layers, "skip_rms_norm": 2 * layers,
+                        "silu": layers}.items():  # fmt: skip
+        assert applied[name] == count, (name, applied)
+    counts = ops(fused)
+    assert counts["Softmax"] == counts["Attention"] == 0
+    nodes = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == layers
+    for node in nodes:
+        assert attribute(node, "num_heads") == heads
+        assert attribute(node, "kv_num_heads") == config.num_key_value_heads
+        assert attribute(node, "do_rotary") == int(mha)  # head_dim 16 folds rotary in, 24 not
+    if mha:
+        assert applied["qkv_packing"] == layers and counts["RotaryEmbedding"] == 0
+    else:
+        rotary = [n for n in fused.graph.node if n.op_type == "RotaryEmbedding"]
+        assert len(rotary) == 2 * layers and {n.domain for n in rotary} == {"com.microsoft"}
+    assert_same_logits(expected, prefill_then_steps(fused, config.vocab_size))
+
+    fused, report = optimize_model(model, "onnx")
+    counts = ops(fused)
+    assert counts["Attention"] == layers and counts["RotaryEmbedding"] == 2 * layers
+    assert counts["RMSNormalization"] == 2 * layers + 1 and counts["Softmax"] == 0
+    assert {n.domain for n in fused.graph.node} == {""}
+    assert_same_logits(expected, prefill_then_steps(fused, config.vocab_size))
+
+
+@pytest.fixture(scope="module")
+def transformers_cached(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    """A transformers Llama (SMALL: 2 layers, 4/2 heads, SDPA) exported with its KV cache: the
+    past as graph inputs filling a DynamicCache, whose layers give the `present` outputs."""
+    transformers = pytest.importorskip("transformers")
+    model = random_transformers_llama()
+    shape = small_config()  # random_transformers_llama's
+    layers, kv_heads = shape.num_hidden_layers, shape.num_key_value_heads
+    head_dim = shape.hidden_size // shape.num_attention_heads
+
+    class Cached(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            cache = transformers.DynamicCache(config=self.model.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = [
+                t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+            ]
+            return (out.logits, *present)
+
+    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    dynamic = torch.export.Dim.DYNAMIC
+    ids = torch.randint(0, 256, (2, 5))
+    past = [torch.randn(2, kv_heads, 3, head_dim) for _ in kv]  # a past of 3 positions
+    shapes = {
+        "input_ids": {0: dynamic, 1: dynamic},
+        "attention_mask": {0: dynamic, 1: dynamic},
+        "past": tuple({0: dynamic, 2: dynamic} for _ in kv),
+    }
+    path = tmp_path_factory.mktemp("hf_cached") / "model.onnx"
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            Cached(),
+            (ids, torch.ones(2, 8, dtype=torch.int64), *past),
+            dynamo=True,
+            dynamic_shapes=shapes,
+            input_names=["input_ids", "attention_mask"] + [f"past_key_values.{n}" for n in kv],
+            output_names=["logits"] + [f"present.{n}" for n in kv],
+            verbose=False,
+        )
+    assert program is not None
+    program.save(str(path))
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_transformers_cached_export(transformers_cached: onnx.ModelProto, target: str) -> None:
+    """transformers' cache appends with Concat(axis=-2) after rotary, its K/V repeat feeds
+    SDPA's decomposition: fused, and the same logits over a prefill and cached steps."""
+    model = transformers_cached
+    expected = prefill_then_steps(model, 256)
+    fused, report = optimize_model(model, target)
+    applied = report.applied_by_fusion()
+    assert applied["rms_norm"] == 5 and applied["rotary"] == 4 and applied["attention"] == 2
+    counts = ops(fused)
+    assert counts["Softmax"] == counts["ReduceMean"] == counts["IsNaN"] == 0
+    if target == "ort":
+        assert applied["skip_rms_norm"] == 4 and applied["silu"] == 2
+        assert applied["group_query_attention"] == counts["GroupQueryAttention"] == 2
+    else:
+        assert counts["Attention"] == 2
+    assert_same_logits(expected, prefill_then_steps(fused, 256))

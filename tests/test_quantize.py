@@ -279,6 +279,49 @@ def test_int4_folder_runs_and_verifies(int4_folder: Path) -> None:
     assert report.metrics["quantized_compute"]["accuracy_level"] == 4
 
 
+def _attribute(node: onnx.NodeProto, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--symmetric"], ["--lm-head-bits", "8"], ["--accuracy-level", "0"]],
+    ids=["symmetric", "lm_head_bits_8", "accuracy_level_0"],
+)
+def test_int4_folder_option_verifies(tiny_folder: Path, tmp_path: Path, option: list[str]) -> None:
+    """Each option reaches the graph (not only lmexport.json), and `verify` quantizes its
+    PyTorch reference the same way: a reference that ignored it would be off by the difference
+    between the two quantizations, far above the quantized check's KL 1e-4."""
+    out = tmp_path / "int4"
+    code, _, err = run("optimize", str(tiny_folder), "-o", str(out), "--quantize", "int4", *option)
+    assert code == 0, err
+    manifest = json.loads((out / "lmexport.json").read_text())
+    record = manifest["quantization"]
+    nbits = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == record["ops"]["MatMulNBits"] == 21
+    vocab = manifest["config"]["vocab_size"]
+    (head,) = [n for n in nbits if _attribute(n, "N") == vocab]
+    symmetric = option == ["--symmetric"]
+    assert record["symmetric"] is symmetric
+    for node in nbits:  # codes, scales and, unless symmetric, zero points
+        assert len([name for name in node.input if name]) == (3 if symmetric else 4), node.name
+    head_bits = 8 if option == ["--lm-head-bits", "8"] else 4
+    assert record["lm_head_bits"] == _attribute(head, "bits") == head_bits
+    assert {_attribute(n, "bits") for n in nbits if n is not head} == {4}
+    level = 0 if option == ["--accuracy-level", "0"] else 4
+    assert record["accuracy_level"] == level
+    assert {_attribute(n, "accuracy_level") for n in nbits} == {level}
+
+    report = lmexport.verify(out, steps=8)
+    assert report.passed, report.table()
+    assert report.metrics["logits"]["max_abs"] < 1e-4  # float activations: the weights exactly
+    assert float(report.metrics["kv_cache"]["kl"]) <= 1e-6
+    compute = report.metrics["quantized_compute"]
+    assert compute["accuracy_level"] == level
+    if level == 0:  # shipped as the exact graph is: nothing left to differ
+        assert compute["top1"] == 1.0 and float(compute["kl"]) <= 1e-9
+
+
 def test_optimize_int8_with_embedding(tiny_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "int8"
     args = ["optimize", str(tiny_folder), "-o", str(out), "--quantize", "int8"]

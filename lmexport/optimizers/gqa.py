@@ -7,10 +7,11 @@ Matched, after the `rotary` and `attention` fusions:
     K, V    = Concat(past_key, k', axis=2), Concat(past_value, v, axis=2)   (or k', v: no cache)
     out     = Reshape(Transpose(Attention(q', K, V, mask), perm=[0, 2, 1, 3]))   [b, s, heads·d]
 
-GroupQueryAttention takes q3/k3/v3 directly (rotary applied to them in their 3-D form), the past
-K/V, and returns the present K/V that replace the Concats (the graph's `present` outputs). Left
-padding: its own lengths assume right padding, so every cache slot counts as valid
-(seqlens_k = total - 1) and the graph's mask becomes the additive `attention_bias`.
+The Concats' axis may be -2 as well (transformers' cache). GroupQueryAttention takes q3/k3/v3
+directly (rotary applied to them in their 3-D form), the past K/V, and returns the present K/V
+that replace the Concats (the graph's `present` outputs). Left padding: its own lengths assume
+right padding, so every cache slot counts as valid (seqlens_k = total - 1) and the graph's mask
+becomes the additive `attention_bias`.
 GroupQueryAttention is always causal, so a mask is refused unless part of it is a comparison of
 two position indices (key ≤ query + past, each from a Range) or a Trilu: a comparison of anything
 else (`attention_mask > 0`) is padding only.
@@ -110,17 +111,20 @@ def _same_positions(a: ir.Value | None, b: ir.Value | None) -> bool:
 
 
 class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, cache: bool) -> None:
+    def __init__(self, name: str, concat_axis: int | None) -> None:
+        """concat_axis: where the past joins the new keys, 2 or -2 of [b, kv_heads, s, d]
+        (transformers' cache writes -2); None for a graph without a cache."""
         super().__init__(name, remove_nodes=False)  # shape computations may read the heads
-        self.cache = cache
+        self.cache = concat_axis is not None
+        self.concat_axis = concat_axis
 
     def pattern(self, op, q3, k3, v3, past_key, past_value, mask):
         q = _rotary(op, _heads(op, q3, "q"), "q")
         k = _rotary(op, _heads(op, k3, "k"), "k")
         v = _heads(op, v3, "v")
         if self.cache:
-            k = op.Concat(past_key, k, axis=2)
-            v = op.Concat(past_value, v, axis=2)
+            k = op.Concat(past_key, k, axis=self.concat_axis)
+            v = op.Concat(past_value, v, axis=self.concat_axis)
         out = op.Attention(q, k, v, mask, _allow_other_attributes=True, _outputs=["attention"])
         merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), _allow_other_inputs=True)
         return merged, k, v
@@ -221,7 +225,8 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
 
 rules = pattern.RewriteRuleSet(
     [
-        GroupQueryAttentionFusion.rule("GroupQueryAttention[past]", True),
-        GroupQueryAttentionFusion.rule("GroupQueryAttention", False),
+        GroupQueryAttentionFusion.rule("GroupQueryAttention[past]", 2),
+        GroupQueryAttentionFusion.rule("GroupQueryAttention[past, axis -2]", -2),
+        GroupQueryAttentionFusion.rule("GroupQueryAttention", None),
     ]
 )
