@@ -31,6 +31,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, data_location: str) -> None:
             all_tensors_to_one_file=True,
             location=data_location,
         )
+        umask_mode(path.parent / data_location, 0o666)  # onnx writes it private (600)
     else:
         onnx.save_model(model, str(path))
 

@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import lmexport
 from lmexport.errors import RuntimeInputError
+from lmexport.models.installed import INSTALLED
+from lmexport.models.llama import LlamaConfig
+from lmexport.models.presets import PRESETS
 from lmexport.runtime import LlamaRunner
 
-from helpers import assert_bad_input, run
+from helpers import assert_bad_input, run, small_config, write_hf_folder
 
 
 def test_force_never_replaces_the_current_folder(tmp_path: Path) -> None:
@@ -115,3 +119,112 @@ def test_runner_seed_and_temperature(tiny_folder: Path) -> None:
         runner.generate([[1, 2]], 2, temperature=1.0, seed=-5)
     with pytest.raises(RuntimeInputError, match="finite"):
         runner.generate([[1, 2]], 2, temperature=float("inf"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_force_never_replaces_the_source(tmp_path: Path, streaming: bool) -> None:
+    """`convert models/my-llama -o models --force` deleted the checkpoint it had just read and
+    wrote a folder whose lmexport.json pointed into it; `-o` the source itself did the same."""
+    source = tmp_path / "models" / "my-llama"
+    write_hf_folder(source, small_config())
+    files = sorted(p.name for p in source.iterdir())
+    mode = ["--streaming"] if streaming else []
+    for out in (source, tmp_path / "models"):
+        what = "is the source" if out == source else "holds the source"
+        assert_bad_input(["convert", str(source), "-o", str(out), "--force", *mode], what)
+        assert sorted(p.name for p in source.iterdir()) == files
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["my-llama"]
+
+
+def test_optimize_force_never_replaces_its_source(tiny_folder: Path, tmp_path: Path) -> None:
+    source = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_folder, source)
+    for out in (source, tmp_path / "models"):
+        what = "is the source" if out == source else "holds the source"
+        assert_bad_input(["optimize", str(source), "-o", str(out), "--force"], what)
+        assert (source / "model.onnx").is_file()
+
+
+def test_force_never_replaces_a_symlinked_source_file(tmp_path: Path) -> None:
+    """A Hugging Face cache snapshot links its files from `blobs/`: an output folder holding
+    those is refused too."""
+    write_hf_folder(tmp_path / "blobs", small_config())
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for f in (tmp_path / "blobs").iterdir():
+        (snapshot / f.name).symlink_to(f)
+    args = ["convert", str(snapshot), "-o", str(tmp_path / "blobs"), "--force"]
+    assert_bad_input(args, "holds the source")
+    assert (tmp_path / "blobs" / "model.safetensors").is_file()
+
+
+def test_force_never_replaces_the_adapter(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    args = ["convert", "llama-tiny", "--adapter", str(out / "adapter"), "-o", str(out), "--force"]
+    assert_bad_input(args, "holds the adapter")
+    assert (out / "adapter" / "adapter_config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("name", ["model.gguf", "hornet.pth"])
+def test_force_never_replaces_a_source_file(tmp_path: Path, name: str) -> None:
+    """A GGUF or checkpoint file, or the folder holding it, is refused as -o before it is read."""
+    source = tmp_path / "models" / name
+    source.parent.mkdir()
+    source.write_bytes(b"keep")
+    arch = ["--arch", "hornet-tiny-7x7"] if name.endswith(".pth") else []
+    for out, what in ((source, "is the source"), (source.parent, "holds the source")):
+        assert_bad_input(["convert", str(source), *arch, "-o", str(out), "--force"], what)
+        assert source.read_bytes() == b"keep"
+
+
+def test_force_never_replaces_an_installed_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed name (`smollm2-135m-instruct`) is a GGUF file inside its package's folder."""
+    package = tmp_path / "site" / "fake_installed_llm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model.gguf").write_bytes(b"keep")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(INSTALLED, "fake-llm", ("fake_installed_llm", "*.gguf", "pip install x"))
+    assert_bad_input(["convert", "fake-llm", "-o", str(package), "--force"], "holds the source")
+    assert (package / "model.gguf").read_bytes() == b"keep"
+
+
+def test_force_onto_a_folder_named_like_the_preset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preset is no file: a folder of its name is an ordinary output, replaced with --force."""
+    monkeypatch.chdir(tmp_path)
+    Path("llama-tiny").mkdir()
+    code, _, err = run("convert", "llama-tiny", "-o", "llama-tiny", "--force", "-q")
+    assert code == 0, err
+    assert Path("llama-tiny", "lmexport.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("vocab_size", 1000),
+        ("hidden_size", 128),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 4),
+        ("head_dim", 32),
+        ("intermediate_size", 200),
+    ],
+)
+def test_source_of_another_shape(tiny_folder: Path, tmp_path: Path, field: str, value: int) -> None:
+    """`verify --source` (and `bench --vs-torch --source`) naming a Llama of another shape than
+    the folder's crashed in numpy with a broadcasting traceback."""
+    config = PRESETS["llama-tiny"].config
+    assert isinstance(config, LlamaConfig)
+    expected = getattr(config, field)
+    write_hf_folder(tmp_path / "other", replace(config, **{field: value}))
+    other = str(tmp_path / "other")
+    words = (field, f"is {value}", f"says {expected}")
+    assert_bad_input(["verify", str(tiny_folder), "--source", other], *words)
+    args = ["bench", str(tiny_folder), "--vs-torch", "--source", other, "--new-tokens", "2"]
+    assert_bad_input([*args, "--prompt-length", "4", "--repeats", "1"], *words)

@@ -76,7 +76,7 @@ def convert(
             source, outdir, target=target, dtype=dtype, kv_cache=kv_cache, force=force,
             quantize=quantize, progress=Progress(progress),
         )  # fmt: skip
-    with staged_folder(outdir, force) as stage:
+    with staged_folder(outdir, force, source=source, adapter=adapter) as stage:
         loaded = load_source(source, seed, arch, adapter)
         if quantize is not None:
             check_quantizable({"arch": loaded.arch, "target": target, "dtype": dtype})
@@ -90,7 +90,6 @@ def convert(
         source_record = loaded.source_record()
         model = loaded.model.to(DTYPES[dtype])
         proto = export_llama(model, target, kv_cache=kv_cache)
-        onnx.checker.check_model(proto, full_check=True)
         check_runnable(proto, target)
         copy_files(loaded.tokenizer_files, stage)
         for name, text in loaded.tokenizer_texts.items():

@@ -6,8 +6,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from ..errors import LmexportError
 from ..models.hornet import HorNet
 from ..models.source import LoadedModel
@@ -31,7 +29,6 @@ def convert_hornet(
     size = config.native_size if image_size is None else image_size
     source_record = loaded.source_record()
     proto = export_hornet(model, target, size)
-    onnx.checker.check_model(proto, full_check=True)
     check_runnable(proto, target)
     save_model(proto, stage)
     ops = Counter(n.op_type for n in proto.graph.node)

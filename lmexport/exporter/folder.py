@@ -13,22 +13,42 @@ from typing import Any
 
 import onnx
 
-from ..errors import OutputError
+from ..errors import OutputError, SourceError
+from ..models.installed import INSTALLED, installed_path
+from ..models.presets import PRESETS
 from ..onnx_files import save_onnx, umask_mode
 from ..runtime.manifest import MANIFEST, MODEL_FILE
 from ..runtime.manifest import SUPPORTED_FORMAT as FORMAT_VERSION
 
 
 @contextlib.contextmanager
-def staged_folder(outdir: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder that replaces `outdir` only if the block succeeds."""
+def staged_folder(
+    outdir: Path,
+    force: bool,
+    *,
+    source: str | Path | None = None,
+    adapter: str | Path | None = None,
+) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces `outdir` only if the block succeeds.
+
+    `source` (a SOURCE argument: preset or installed name, folder or file; a Path is a path
+    only) and `adapter` are what the block reads: an `outdir` that is one of them or holds one
+    is refused before anything is written, since replacing it would delete them."""
     if outdir.is_symlink():
         raise OutputError(f"{outdir}: is a symbolic link (give the folder itself)")
+    resolved = outdir.resolve()
+    for kind, path in _inputs(source, adapter):
+        if resolved == path or resolved in path.parents:
+            what = "is" if resolved == path else "holds"
+            raise OutputError(
+                f"{outdir}: {what} the {kind} {path} (replacing it would delete it; "
+                "give another path)"
+            )
     if outdir.exists() and not force:
         raise OutputError(f"{outdir}: already exists (use --force to replace it)")
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"{outdir}: exists and is not a folder")
-    outdir = outdir.resolve()
+    outdir = resolved
     if outdir == Path.cwd().resolve() or outdir in Path.cwd().resolve().parents:
         # Replacing it would delete the folder we stand in, then fail to rename into it.
         raise OutputError(f"{outdir}: is the current folder or holds it (give another path)")
@@ -49,8 +69,32 @@ def staged_folder(outdir: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _inputs(source: str | Path | None, adapter: str | Path | None) -> list[tuple[str, Path]]:
+    """The files and folders `source` and `adapter` name, resolved as `load_source` reads them
+    (an installed name is its file; a preset is none), with the targets of a source folder's
+    symbolic links (a Hugging Face cache snapshot links its files from `blobs/`)."""
+    found: list[tuple[str, Path]] = []
+    if isinstance(source, str) and source in INSTALLED:
+        with contextlib.suppress(SourceError):  # not installed: load_source says so
+            found.append(("source", installed_path(source).resolve()))
+    elif isinstance(source, str) and source in PRESETS:
+        pass
+    elif source is not None and Path(source).exists():
+        path = Path(source)
+        found.append(("source", path.resolve()))
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # an unreadable folder: load_source says so
+                found += [("source", f.resolve()) for f in path.iterdir() if f.is_symlink()]
+    if adapter is not None and Path(adapter).exists():
+        found.append(("adapter", Path(adapter).resolve()))
+    return found
+
+
 def save_model(model: onnx.ModelProto, folder: Path) -> None:
+    """Write and check the folder's graph. The checker reads the file: a proto whose weights
+    pass 2 GiB cannot be serialised whole to check it in memory."""
     save_onnx(model, folder / MODEL_FILE, MODEL_FILE + ".data")
+    onnx.checker.check_model(str(folder / MODEL_FILE), full_check=True)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -78,7 +78,7 @@ def convert_streaming(
 
     if quantize is not None:
         check_quantizable({"arch": "llama", "target": target, "dtype": dtype})
-    with staged_folder(outdir, force) as stage:
+    with staged_folder(outdir, force, source=Path(source)) as stage:
         checkpoint = open_checkpoint(source)
         with progress.phase("trace"):
             skeleton = trace_skeleton(

@@ -95,7 +95,7 @@ def _optimize_folder(
     if quantize is not None:
         check_quantizable({**manifest, "target": target})
     fused, report = _optimized(load_onnx(source / MODEL_FILE), target, check, tolerance)
-    with staged_folder(output, force) as stage:
+    with staged_folder(output, force, source=source) as stage:
         for item in source.iterdir():
             written_here = (MANIFEST, MODEL_FILE, MODEL_FILE + ".data", GENAI_CONFIG)
             if item.name not in written_here and item.is_file():
