@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import lmexport
 from lmexport.verify import Report
 
-from helpers import small_config, write_hf_folder
+from helpers import assert_bad_input, small_config, write_hf_folder
 
 CONFIGS = {
     "mha": small_config(num_key_value_heads=4),
@@ -103,3 +104,54 @@ def test_float16_plain(tmp_path: Path) -> None:
     assert report.passed, report.table()
     assert report.metrics["greedy"]["top1"] >= 0.99
     assert 0 < report.metrics["logits"]["max_abs"] < 0.05  # fp16, so not bit-identical
+
+
+def test_short_context_is_verified_within_it(tmp_path: Path) -> None:
+    """The KV-cache check (8 + 32 positions) and the left-padded prompts with their greedy
+    tokens used to run past max_position_embeddings: onnxruntime's traceback (GroupQueryAttention's
+    cos_cache) and exit 1 instead of a report. They are cut to the context."""
+    write_hf_folder(tmp_path / "hf", small_config(max_position_embeddings=16), seed=1)
+    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out")
+    report = lmexport.verify(out, steps=8)
+    assert_fp32_parity(report, steps=8)
+    inputs = {c.name: c.inputs for c in report.checks}
+    assert inputs["logits"] == "batch 2 x 16 random ids"
+    assert inputs["kv_cache"] == "prefill 8 then 8 one-token decode steps vs the full forward"
+    assert inputs["left_padding"] == "batch of prompts of 8 and 3 ids, left-padded"
+
+
+def test_short_context_quantized(tmp_path: Path) -> None:
+    """A low-precision folder's 4x lengths (logits 64, KV cache 136, padded prompts 44 and 20,
+    the quantized compute check 64) are cut to its context too, as are convert's accuracy
+    prompts (48 random ids). int8, whose parity is exact against the source quantized alike."""
+    write_hf_folder(tmp_path / "hf", small_config(max_position_embeddings=40), seed=1)
+    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out", quantize="int8")
+    accuracy = json.loads((out / "lmexport.json").read_text())["quantization"]["accuracy"]
+    assert "x 40 random ids" in accuracy["inputs"], accuracy
+    report = lmexport.verify(out, steps=32)
+    assert report.passed, report.table()
+    inputs = {c.name: c.inputs for c in report.checks}
+    assert inputs["logits"] == "batch 2 x 40 random ids"
+    assert inputs["kv_cache"] == "prefill 8 then 32 one-token decode steps vs the full forward"
+    assert inputs["left_padding"] == "batch of prompts of 32 and 14 ids, left-padded"
+    assert inputs["quantized_compute"].startswith("batch 2 x 40 random ids")
+
+
+def test_check_lengths_unchanged_for_long_contexts(tiny_folder: Path) -> None:
+    from lmexport.verify.llama import check_lengths
+
+    usual = {"logits": 16, "kv_cache": 40, "pad_long": 11, "pad_short": 5, "compute": 64}
+    assert check_lengths(1, 32, 512) == usual
+    assert check_lengths(4, 32, 2048) == {
+        "logits": 64, "kv_cache": 136, "pad_long": 44, "pad_short": 20, "compute": 64
+    }  # fmt: skip
+    inputs = {c.name: c.inputs for c in lmexport.verify(tiny_folder).checks}
+    assert inputs["logits"] == "batch 2 x 16 random ids"
+    assert inputs["kv_cache"] == "prefill 8 then 32 one-token decode steps vs the full forward"
+    assert inputs["left_padding"] == "batch of prompts of 11 and 5 ids, left-padded"
+
+
+def test_context_too_short_for_any_check(tmp_path: Path) -> None:
+    write_hf_folder(tmp_path / "hf", small_config(max_position_embeddings=8))
+    out = lmexport.convert(str(tmp_path / "hf"), tmp_path / "out")
+    assert_bad_input(["verify", str(out), "--steps", "1"], "context of at least 9", "is 8")

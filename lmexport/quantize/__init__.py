@@ -84,13 +84,14 @@ def quantize_model(
     options: QuantizeOptions,
     vocab_size: int,
     tokenizer: Any = None,
+    context: int | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The quantized graph and its `lmexport.json` record, with the accuracy measured against
-    `model` (left unchanged)."""
+    `model` (left unchanged) on prompts of at most `context` ids."""
     graph = ir.serde.deserialize_model(model)
     counts = quantize_graph(graph, options)
     quantized = ir.serde.serialize_model(graph)
-    accuracy = measure_accuracy(model, quantized, vocab_size, tokenizer)
+    accuracy = measure_accuracy(model, quantized, vocab_size, tokenizer, context=context)
     return quantized, quantization_record(options, counts, accuracy)
 
 
@@ -122,8 +123,10 @@ def quantize_into(
 
     check_quantizable(manifest)
     tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
-    vocab_size = int(manifest["config"]["vocab_size"])
-    quantized, manifest["quantization"] = quantize_model(model, options, vocab_size, tokenizer)
+    config = manifest["config"]
+    quantized, manifest["quantization"] = quantize_model(
+        model, options, int(config["vocab_size"]), tokenizer, int(config["max_position_embeddings"])
+    )
     return quantized
 
 

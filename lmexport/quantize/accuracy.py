@@ -32,15 +32,19 @@ SEED = 0
 ONNX_SIZE_LIMIT = 2**31 - 1  # protobuf's limit on a model serialized in one piece
 
 
-def prompt_set(vocab_size: int, tokenizer: Any = None) -> tuple[list[np.ndarray], str]:
-    """The fixed prompts as id rows, and a line that says what they are."""
+def prompt_set(
+    vocab_size: int, tokenizer: Any = None, context: int | None = None
+) -> tuple[list[np.ndarray], str]:
+    """The fixed prompts as id rows, each cut to the model's `context` (a short-context
+    model's graph refuses longer ones), and a line that says what they are."""
     if tokenizer is not None:
         rows = [np.array(tokenizer.encode(text).ids, dtype=np.int64) for text in PROMPTS]
-        rows = [r[r < vocab_size] for r in rows]
+        rows = [r[r < vocab_size][:context] for r in rows]
         return [r for r in rows if len(r) >= 2], f"{len(PROMPTS)} fixed English/code texts"
     rng = np.random.default_rng(SEED)
-    rows = [rng.integers(0, vocab_size, PROMPT_LENGTH, dtype=np.int64) for _ in PROMPTS]
-    return rows, f"{len(rows)} x {PROMPT_LENGTH} random ids (seed {SEED}); no tokenizer"
+    length = PROMPT_LENGTH if context is None else min(PROMPT_LENGTH, context)
+    rows = [rng.integers(0, vocab_size, PROMPT_LENGTH, dtype=np.int64)[:length] for _ in PROMPTS]
+    return rows, f"{len(rows)} x {length} random ids (seed {SEED}); no tokenizer"
 
 
 class _Session:
@@ -74,10 +78,11 @@ def measure_accuracy(
     vocab_size: int,
     tokenizer: Any = None,
     threads: int | None = None,
+    context: int | None = None,
 ) -> dict[str, Any]:
     """Top-1 agreement and mean KL (nats) of `quantized` against `reference` over every
-    position of the fixed prompts."""
-    rows, about = prompt_set(vocab_size, tokenizer)
+    position of the fixed prompts (cut to `context`, the model's max_position_embeddings)."""
+    rows, about = prompt_set(vocab_size, tokenizer, context)
     ref_session = _Session(reference, threads)
     ref = [ref_session.logits(r) for r in rows]
     del ref_session

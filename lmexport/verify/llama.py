@@ -25,20 +25,55 @@ LOW_PRECISION_TOP1 = 0.99
 # quantization (verify/quantized.py): float rounding only (KL ~1e-10), while every scale 5% off
 # gives KL 0.01 and a wrong layout or zero point ~1.
 QUANTIZED_TOP1, QUANTIZED_KL = 0.99, 1e-4
+# The config fields that set the graph's and the source's tensor shapes: a source that differs
+# in one of them cannot be compared with the folder at all.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+)
 GREEDY_PROMPT = 8  # random ids the greedy check starts from
+KV_PREFILL = 8  # the KV-cache check's prefill, then one-token steps
 
 
 def check_steps(steps: int, context: int) -> None:
     """The greedy check's prompt and `steps` must fit the model's context: refused before any
-    model runs, not after PyTorch has generated them all."""
+    model runs, not after PyTorch has generated them all. The other checks shorten their
+    inputs to a context below their usual lengths (`check_lengths`)."""
     if steps < 1:
         raise LmexportError(f"--steps must be at least 1, got {steps}")
+    if context < GREEDY_PROMPT + 1:
+        raise LmexportError(
+            f"verify needs a context of at least {GREEDY_PROMPT + 1} positions (a prompt of "
+            f"{GREEDY_PROMPT} and one greedy token); the model's is {context}"
+        )
     if GREEDY_PROMPT + steps > context:
         raise LmexportError(
             f"--steps {steps} is too many: a prompt of {GREEDY_PROMPT} plus {steps} greedy "
             f"tokens exceeds the model's context of {context} (at most --steps "
             f"{context - GREEDY_PROMPT})"
         )
+
+
+def check_lengths(n: int, steps: int, context: int) -> dict[str, int]:
+    """Each check's input length: `n` times the usual (n = 4 for low-precision folders), each cut
+    to fit `context` (max_position_embeddings, at least GREEDY_PROMPT + steps by check_steps).
+    `logits`: the full forward; `kv_cache`: prefill and decode steps in all; `pad_long` and
+    `pad_short`: the left-padded prompts, which then generate min(8, steps) tokens;
+    `compute`: a quantized folder's graph against itself at accuracy level 0."""
+    generated = min(8, steps)
+    pad_long = min(11 * n, context - generated)
+    return {
+        "logits": min(16 * n, context),
+        "kv_cache": min(KV_PREFILL + 16 * n * 2, context),
+        "pad_long": pad_long,
+        "pad_short": min(5 * n, max(1, pad_long * 5 // 11)),
+        "compute": min(64, context),
+    }
 
 
 @torch.no_grad()
@@ -74,7 +109,19 @@ def source_model(manifest: dict[str, Any], source: str | None) -> tuple[Llama, s
     model = load_source(name, seed, adapter=adapter).model
     if not isinstance(model, Llama):
         raise LmexportError(f"{name}: is not a Llama-family model")
+    check_same_shape(model.config.to_dict(), manifest["config"], name)
     return model, name
+
+
+def check_same_shape(source: dict[str, Any], folder: dict[str, Any], name: str) -> None:
+    """Refuse a source of another shape than the folder's (`verify --source` or `bench
+    --source` naming another model): nothing of it could be compared."""
+    for key in SHAPE_FIELDS:
+        if source.get(key) != folder.get(key):
+            raise LmexportError(
+                f"{name}: {key} is {source.get(key)}, the folder's lmexport.json says "
+                f"{folder.get(key)} (a source of another shape than the folder)"
+            )
 
 
 def verify_llama(
@@ -87,7 +134,8 @@ def verify_llama(
 ) -> Report:
     runner = LlamaRunner.load(folder, provider=provider)
     manifest = runner.manifest
-    check_steps(steps, int(runner.config["max_position_embeddings"]))
+    context = int(runner.config["max_position_embeddings"])
+    check_steps(steps, context)
     model, source_name = source_model(manifest, source)
     quantization = manifest.get("quantization") or {}
     low_precision = manifest["dtype"] != "float32" or bool(quantization)
@@ -113,6 +161,7 @@ def verify_llama(
     # Top-1 agreement ≥ 99% only means something over ≥ 100 positions: one flipped near-tie in
     # 24 would read as 96%. Low-precision folders are therefore checked on longer inputs.
     n = 4 if low_precision else 1
+    lengths = check_lengths(n, steps, context)
 
     def logits_check(name: str, ref: np.ndarray, got: np.ndarray, inputs: str) -> Check:
         metrics: dict[str, float | int | str] = {
@@ -134,19 +183,23 @@ def verify_llama(
         with tempfile.TemporaryDirectory() as tmp:  # onnxruntime has read it once loaded
             runner = exact_runner(shipped, Path(tmp))
 
-    ids = random_ids(rng, vocab, 2, 16 * n)
+    ids = random_ids(rng, vocab, 2, lengths["logits"])
     report.checks.append(
         logits_check(
-            "logits", torch_logits(model, ids), runner.logits(ids), f"batch 2 x {16 * n} random ids"
+            "logits",
+            torch_logits(model, ids),
+            runner.logits(ids),
+            f"batch 2 x {ids.shape[1]} random ids",
         )
     )
 
     if runner.kv_cache:
-        ids = random_ids(rng, vocab, 1, 8 + 16 * n * 2)
+        ids = random_ids(rng, vocab, 1, lengths["kv_cache"])
         ref = torch_logits(model, ids)
-        got, past = runner.forward(ids[:, :8], np.ones((1, 8), np.int64), None)
+        prefill = KV_PREFILL
+        got, past = runner.forward(ids[:, :prefill], np.ones((1, prefill), np.int64), None)
         per_step = [got]
-        for t in range(8, ids.shape[1]):
+        for t in range(prefill, ids.shape[1]):
             step, past = runner.forward(ids[:, t : t + 1], np.ones((1, t + 1), np.int64), past)
             per_step.append(step)
         report.checks.append(
@@ -154,7 +207,8 @@ def verify_llama(
                 "kv_cache",
                 ref,
                 np.concatenate(per_step, axis=1),
-                f"prefill 8 then {ids.shape[1] - 8} one-token decode steps vs the full forward",
+                f"prefill {prefill} then {ids.shape[1] - prefill} one-token decode steps vs the "
+                "full forward",
             )
         )
 
@@ -181,7 +235,8 @@ def verify_llama(
         )
     )
 
-    rows = [random_ids(rng, vocab, 1, length * n)[0] for length in (11, 5)]
+    long, short = lengths["pad_long"], lengths["pad_short"]
+    rows = [random_ids(rng, vocab, 1, length)[0] for length in (long, short)]
     ids, mask = left_pad(rows)
     batched = runner.logits(ids, mask)
     alone = [torch_logits(model, r[None]) for r in rows]
@@ -189,7 +244,7 @@ def verify_llama(
     ref = np.concatenate([a[0] for a in alone])
     got = np.concatenate([batched[i, width - len(r) :] for i, r in enumerate(rows)])
     pad_check = logits_check(
-        "left_padding", ref, got, f"batch of prompts of {11 * n} and {5 * n} ids, left-padded"
+        "left_padding", ref, got, f"batch of prompts of {long} and {short} ids, left-padded"
     )
     n_gen = min(8, steps)
     batch_tokens = runner.generate(ids, n_gen, attention_mask=mask, eos_token_id=[])
@@ -199,5 +254,7 @@ def verify_llama(
         pad_check.passed &= bool((batch_tokens == alone_tokens).all())
     report.checks.append(pad_check)
     if quantization:
-        report.checks.append(compute_check(shipped, runner, random_ids(rng, vocab, 2, 64)))
+        report.checks.append(
+            compute_check(shipped, runner, random_ids(rng, vocab, 2, lengths["compute"]))
+        )
     return report

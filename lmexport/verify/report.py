@@ -57,7 +57,9 @@ class Report:
             rows.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<{width}}  {nums}")
             rows.append(f"        {'':<{width}}  inputs: {c.inputs}")
         passed = sum(c.passed for c in self.checks)
-        tail = f"{'passed' if self.passed else 'FAILED'}: {passed}/{len(self.checks)} checks"
+        tail = (
+            f"{'passed' if self.passed else 'FAILED'}: {passed} of {len(self.checks)} checks passed"
+        )
         return "\n".join([*head, *rows, tail])
 
 
