@@ -71,7 +71,8 @@ def test_code_in_pickle_refused(state: dict[str, torch.Tensor], tmp_path: Path) 
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "notes.pth"
     ckpt.write_text("just text")
-    assert_bad_input(convert_args(ckpt), "notes.pth", "not a readable PyTorch checkpoint")
+    words = ("notes.pth", "not a readable PyTorch checkpoint", "neither a zip archive nor a pickle")
+    assert_bad_input(convert_args(ckpt), *words)
     ckpt = tmp_path / "empty.pth"
     torch.save({"epoch": 3}, ckpt)
     assert_bad_input(convert_args(ckpt), "empty.pth", "no state_dict")
@@ -96,6 +97,7 @@ def test_not_a_checkpoint_is_not_called_a_security_refusal(
         assert code == 2 and err.count("\n") == 1, err
         assert f"{ckpt.name}: not a readable PyTorch checkpoint" in err, err
         assert "could run code" not in err and "refused" not in err, err
+    assert "(a damaged zip archive)" in run(*convert_args(cut))[2]
 
 
 def test_llama_only_options_refused(tmp_path: Path) -> None:

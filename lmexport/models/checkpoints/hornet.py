@@ -48,6 +48,14 @@ def _unpickler_reason(message: str) -> str:
 def _load(path: Path) -> Any:
     # A zip checkpoint (torch ≥ 1.6) is memory-mapped: tensors are not read until copied.
     mmap = zipfile.is_zipfile(path)
+    with path.open("rb") as f:
+        head = f.read(2)
+    if not mmap and head.startswith(b"PK"):
+        raise SourceError(f"{path}: not a readable PyTorch checkpoint (a damaged zip archive)")
+    if not mmap and head[:1] != b"\x80":  # the legacy format starts with a pickle's
+        raise SourceError(
+            f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle)"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -64,7 +72,8 @@ def _load(path: Path) -> Any:
             f"{path}: not a readable PyTorch checkpoint ({_unpickler_reason(message)})"
         ) from None
     except Exception as e:  # torch.load raises many types for files that are not checkpoints
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        # The first sentence: miniz's messages go on to guess at causes.
+        first = str(e).splitlines()[0].split(". ")[0][:200] if str(e) else type(e).__name__
         raise SourceError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
 
