@@ -1,15 +1,19 @@
 """`optimize`'s proof that a fused graph computes what its input did, on generated inputs.
 
-Both graphs run in onnxruntime on inputs of the graph's own shapes, twice. First with masks of
-ones: every output is compared. Then with the last row left-padded by one position: a fusion
-that dropped the mask, or read it wrongly, changes that row's real positions. That run compares
-the outputs (logits, hidden states) at real positions only, where their batch and sequence axes
-are named as the mask's are, so that padded entries can be told apart: the padded position is
-a fully masked query, whose result each attention kernel defines its own way (NaN, uniform or
-zeros). The caches (`present.*`) are left out of it, as GroupQueryAttention counts a padded
-row's positions from its first slot, not its first real token: its keys are rotated one place
-further than the plain graph's, which changes no attention score (rotary is relative) and so no
-logit, now or in later steps.
+Both graphs run in onnxruntime on inputs of the graph's own shapes, in up to three runs:
+- masks of ones and an empty cache: every output is compared;
+- the same with the last row left-padded by one position: a fusion that dropped the mask, or
+  read it wrongly, changes that row's real positions. Compared there: the outputs whose second
+  axis is named as the sequence is (logits, hidden states), at real positions only, since the
+  padded position is a fully masked query whose result each attention kernel defines its own
+  way (NaN, uniform or zeros). Caches ([batch, heads, total, head_dim]) are left out of it:
+  GroupQueryAttention counts a padded row's positions from its first slot, not its first real
+  token, so its keys are rotated one place further than the plain graph's, which changes no
+  attention score (rotary is relative) and so no logit, now or in later steps;
+- for a graph with a cache, a decode step over a past of CHECK_PAST positions: the new token
+  then sits past it, so a rotary cache wrong past its first rows shows even where the graph
+  computes its positions from the mask. Every output is compared.
+A run the input graph itself refuses (its names do not say which axes those are) is skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import onnxruntime as ort
 from ..errors import LmexportError
 from ..runtime.session import QUIET
 
-CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths (0)
+CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths
+CHECK_PAST = 300  # the past of the cached run (a decode step: batch and sequence 1)
 # Positions are drawn below this, far enough to reach a rotary cache's later rows and inside
 # the 8192 rows the rotary fusion builds; below CHECK_DIM for a graph whose own table is shorter.
 CHECK_POSITIONS = 4096
@@ -31,10 +36,14 @@ def _dims(value: onnx.ValueInfoProto) -> list[str]:
     return [d.dim_param for d in value.type.tensor_type.shape.dim]
 
 
-def _generated_inputs(model: onnx.ModelProto, positions: int) -> dict[str, np.ndarray]:
+def _generated_inputs(
+    model: onnx.ModelProto, positions: int, past: int = 0
+) -> dict[str, np.ndarray]:
     """Inputs a decoder-like graph accepts: ids inside the vocabulary, positions below
     `positions` (or the table a graph gathers them from), masks of ones, and past tensors of
-    length 0 so that `total = past + sequence` holds whatever the graph calls them."""
+    length `past`, so that `total = past + sequence` holds whatever the graph calls them. Over
+    a past, one new token of one row (a decode step: GroupQueryAttention takes several new
+    tokens over a cache for one row only)."""
     rng = np.random.default_rng(0)
     initializers = {t.name: t for t in model.graph.initializer}
     tables = {
@@ -45,18 +54,19 @@ def _generated_inputs(model: onnx.ModelProto, positions: int) -> dict[str, np.nd
     inputs = [i for i in model.graph.input if i.name not in initializers]
     past_only = {d for i in inputs if "past" in i.name for d in _dims(i) if d}
     past_only -= {d for i in inputs if "past" not in i.name for d in _dims(i)}
+    total_only = {d for i in inputs if "mask" in i.name for d in _dims(i) if d} - past_only
+    total_only -= {d for i in inputs if "mask" not in i.name for d in _dims(i)}
+    new = 1 if past else CHECK_DIM
+    sizes = {**dict.fromkeys(total_only, past + new), **dict.fromkeys(past_only, past)}
     feeds = {}
     for i in inputs:
         t = i.type.tensor_type
-        shape = [
-            d.dim_value if d.dim_value else (0 if d.dim_param in past_only else CHECK_DIM)
-            for d in t.shape.dim
-        ]
+        shape = [d.dim_value or sizes.get(d.dim_param, new) for d in t.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if not np.issubdtype(dtype, np.integer):
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
-        elif "mask" in i.name:
+        if "mask" in i.name:
             feeds[i.name] = np.ones(shape, dtype)
+        elif not np.issubdtype(dtype, np.integer):
+            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
         elif "position" in i.name:
             high = min(tables.get(i.name, positions), positions)
             feeds[i.name] = rng.integers(0, high, size=shape).astype(dtype)
@@ -106,37 +116,53 @@ def _fused(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndar
 
 
 def _difference(ref: np.ndarray, out: np.ndarray) -> float:
-    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
-    return float(np.abs(ref.astype(np.float64) - out).max(initial=0.0)) / scale
+    """Largest difference relative to the scale; infinite where one side is NaN and the other
+    is not (NaN would compare as no difference at all)."""
+    ref = ref.astype(np.float64)
+    if (np.isnan(ref) != np.isnan(out)).any():
+        return float("inf")
+    scale = max(1.0, float(np.nanmax(np.abs(ref), initial=0.0)))
+    return float(np.nanmax(np.abs(ref - out), initial=0.0)) / scale
 
 
 def _padded(
     model: onnx.ModelProto, feeds: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int]] | None:
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]] | None:
     """The feeds with the last row's first position padded, which positions are real, and the
-    sequence axis of each output whose entries can be sorted into real and padded; None for a
-    graph without a [batch, sequence] mask over the whole sequence (a cache of length 0)."""
-    tokens = [  # ids and positions
+    outputs laid out [batch, sequence, …] whose entries can be sorted into real and padded; None
+    for a graph without one [batch, sequence] mask."""
+    masks = [i for i in model.graph.input if "mask" in i.name and i.name in feeds]
+    if len(masks) != 1 or feeds[masks[0].name].ndim != 2 or feeds[masks[0].name].shape[1] < 2:
+        return None
+    batch, total = _dims(masks[0])
+    ids = [  # ids and positions
         i
         for i in model.graph.input
         if i.name in feeds and feeds[i.name].ndim == 2 and feeds[i.name].dtype.kind in "iu"
     ]
-    masks = [i for i in tokens if "mask" in i.name]
-    if len(masks) != 1 or feeds[masks[0].name].shape[1] < 2:
+    sequence = {total} | {_dims(i)[1] for i in ids if "mask" not in i.name}
+    if not batch or not all(sequence) or batch in sequence:
         return None
-    batch, total = _dims(masks[0])
-    sequence = {total} | {_dims(i)[1] for i in tokens}
-    if not batch or not all(sequence) or len(sequence | {batch}) < 2:
-        return None
-    axes = {}
-    for o in model.graph.output:
-        dims = _dims(o)
-        named = [a for a, d in enumerate(dims) if a > 0 and d in sequence]
-        if dims and dims[0] == batch and len(named) == 1 and "present" not in o.name:
-            axes[o.name] = named[0]
+    outputs = [
+        o.name
+        for o in model.graph.output
+        if _dims(o)[:1] == [batch] and len(_dims(o)) > 1 and _dims(o)[1] in sequence
+    ]
     mask = feeds[masks[0].name].copy()
     mask[-1, 0] = 0
-    return {**feeds, masks[0].name: mask}, mask.astype(bool), axes
+    return {**feeds, masks[0].name: mask}, mask.astype(bool), outputs
+
+
+def _compare(
+    before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> list[tuple[str, np.ndarray, np.ndarray]] | None:
+    """Each output's name and value in both graphs; None if the input graph refuses `feeds`."""
+    try:
+        expected = _run(before, feeds)
+    except Exception:  # onnxruntime's own exception types are not importable stably
+        return None
+    names = [o.name for o in before.graph.output]
+    return list(zip(names, expected, _fused(after, feeds), strict=True))
 
 
 def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
@@ -147,20 +173,13 @@ def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
         default=0.0,
     )
     padded = _padded(before, feeds)
-    if padded is None:
-        return worst
-    feeds, real, axes = padded
-    names = [o.name for o in before.graph.output]
-    try:
-        expected = _run(before, feeds)
-    except Exception:  # a graph that takes no padding: nothing to compare there
-        return worst
-    for name, ref, out in zip(names, expected, _fused(after, feeds), strict=True):
-        if (
-            name in axes
-            and ref.shape[0] == real.shape[0]
-            and ref.shape[axes[name]] == real.shape[1]
-        ):
-            ref, out = np.moveaxis(ref, axes[name], 1)[real], np.moveaxis(out, axes[name], 1)[real]
+    if padded is not None:
+        padded_feeds, real, outputs = padded
+        for name, ref, out in _compare(before, after, padded_feeds) or []:
+            if name in outputs and ref.shape[:2] == real.shape:
+                worst = max(worst, _difference(ref[real], out[real]))
+    if any("past" in name and feeds[name].ndim > 2 for name in feeds):
+        cached = _generated_inputs(before, CHECK_POSITIONS, past=CHECK_PAST)
+        for _, ref, out in _compare(before, after, cached) or []:
             worst = max(worst, _difference(ref, out))
     return worst
