@@ -92,6 +92,29 @@ def test_optimize_output_needs_force(tiny_folder: Path, tmp_path: Path) -> None:
     assert victim.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_optimize_force_over_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph with its weights in OUT.onnx.data (above 1 GiB; the threshold lowered here)
+    replaced with --force: onnx refused to overwrite the old .data file (a traceback)."""
+    import onnx
+
+    from lmexport import onnx_files
+
+    plain = lmexport.convert("llama-tiny", tmp_path / "plain", target="plain", kv_cache=False)
+    out, data = tmp_path / "big.onnx", tmp_path / "big.onnx.data"
+    args = ["optimize", str(plain / "model.onnx"), "-o", str(out), "--force"]
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 0)
+    for _ in range(2):
+        code, _, err = run(*args)
+        assert code == 0, err
+        assert data.is_file()
+        onnx.checker.check_model(str(out), full_check=True)
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
+    code, _, err = run(*args)
+    assert code == 0, err
+    assert not data.exists()  # the old weights went with the old graph
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "plain"]
+
+
 def test_bench_limits(tiny_folder: Path) -> None:
     assert_bad_input(["bench", str(tiny_folder), "--threads", "100000"], "threads", "[1, ")
     assert_bad_input(
@@ -165,6 +188,26 @@ def test_force_never_replaces_the_adapter(tmp_path: Path) -> None:
     args = ["convert", "llama-tiny", "--adapter", str(out / "adapter"), "-o", str(out), "--force"]
     assert_bad_input(args, "holds the adapter")
     assert (out / "adapter" / "adapter_config.json").read_text() == "{}"
+
+
+def test_force_never_replaces_a_symlinked_adapter_file(tmp_path: Path) -> None:
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "adapter_config.json").write_text("{}")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "adapter_config.json").symlink_to(tmp_path / "blobs" / "adapter_config.json")
+    args = ["convert", "llama-tiny", "--adapter", str(snapshot), "-o", str(tmp_path / "blobs")]
+    assert_bad_input([*args, "--force"], "holds the adapter")
+    assert (tmp_path / "blobs" / "adapter_config.json").read_text() == "{}"
+
+
+def test_symlink_loop_in_the_source_folder(tmp_path: Path) -> None:
+    """An unrelated looping link beside the weights: the folder converts as before."""
+    write_hf_folder(tmp_path / "hf", small_config())
+    (tmp_path / "hf" / "loop").symlink_to("loop")
+    code, _, err = run("convert", str(tmp_path / "hf"), "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.onnx").is_file()
 
 
 @pytest.mark.parametrize("name", ["model.gguf", "hornet.pth"])

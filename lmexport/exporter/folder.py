@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ def staged_folder(
     is refused before anything is written, since replacing it would delete them."""
     if outdir.is_symlink():
         raise OutputError(f"{outdir}: is a symbolic link (give the folder itself)")
-    resolved = outdir.resolve()
+    resolved = _real(outdir)
     for kind, path in _inputs(source, adapter):
         if resolved == path or resolved in path.parents:
             what = "is" if resolved == path else "holds"
@@ -71,22 +72,31 @@ def staged_folder(
 
 def _inputs(source: str | Path | None, adapter: str | Path | None) -> list[tuple[str, Path]]:
     """The files and folders `source` and `adapter` name, resolved as `load_source` reads them
-    (an installed name is its file; a preset is none), with the targets of a source folder's
-    symbolic links (a Hugging Face cache snapshot links its files from `blobs/`)."""
+    (an installed name is its file; a preset is none), with the targets of a folder's symbolic
+    links (a Hugging Face cache snapshot links its files from `blobs/`)."""
     found: list[tuple[str, Path]] = []
     if isinstance(source, str) and source in INSTALLED:
         with contextlib.suppress(SourceError):  # not installed: load_source says so
-            found.append(("source", installed_path(source).resolve()))
-    elif isinstance(source, str) and source in PRESETS:
-        pass
-    elif source is not None and Path(source).exists():
-        path = Path(source)
-        found.append(("source", path.resolve()))
-        if path.is_dir():
-            with contextlib.suppress(OSError):  # an unreadable folder: load_source says so
-                found += [("source", f.resolve()) for f in path.iterdir() if f.is_symlink()]
-    if adapter is not None and Path(adapter).exists():
-        found.append(("adapter", Path(adapter).resolve()))
+            found.append(("source", _real(installed_path(source))))
+    elif not (isinstance(source, str) and source in PRESETS) and source is not None:
+        found += [("source", p) for p in _with_link_targets(Path(source))]
+    if adapter is not None:
+        found += [("adapter", p) for p in _with_link_targets(Path(adapter))]
+    return found
+
+
+def _real(path: Path) -> Path:
+    # os.path.realpath, unlike Path.resolve on Python 3.11, does not raise on a symlink loop.
+    return Path(os.path.realpath(path))
+
+
+def _with_link_targets(path: Path) -> list[Path]:
+    if not path.exists():
+        return []
+    found = [_real(path)]
+    if path.is_dir():
+        with contextlib.suppress(OSError):  # an unreadable folder: load_source says so
+            found += [_real(f) for f in path.iterdir() if f.is_symlink()]
     return found
 
 
