@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from torch import Tensor, nn
 
 from lmexport.optimizers import optimize_model
@@ -391,6 +392,21 @@ class HalfRotary(InterleavedRotary):
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]
         return x * cos + rotate_half(x) * sin
+
+
+def test_check_same_reaches_rotary_rows_past_the_first(tmp_path: Path) -> None:
+    """check_same draws positions up to 4096 for a graph that computes cos/sin from them: a
+    fused cache wrong from row 64 on is caught."""
+    model = export(HalfRotary(), rotary_inputs(), ["x", "positions"], tmp_path / "m.onnx")
+    fused, _ = optimize_model(model, "onnx")
+    assert check_same(model, fused) <= 1e-5
+    rotary = next(n for n in fused.graph.node if n.op_type == "RotaryEmbedding")
+    tables = {t.name: t for t in fused.graph.initializer}
+    (cos_name,) = [name for name in rotary.input if name in tables and "cos" in name]
+    cos = numpy_helper.to_array(tables[cos_name]).copy()
+    cos[64:] = 0.0
+    tables[cos_name].CopyFrom(numpy_helper.from_array(cos, cos_name))
+    assert check_same(model, fused) > 1e-2
 
 
 class MaskPositionsRotary(HalfRotary):
