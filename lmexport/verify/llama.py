@@ -38,6 +38,7 @@ SHAPE_FIELDS = (
 )
 GREEDY_PROMPT = 8  # random ids the greedy check starts from
 KV_PREFILL = 8  # the KV-cache check's prefill, then one-token steps
+PADDED_GREEDY = 8  # tokens the left-padded batch generates (at most --steps)
 
 
 def check_steps(steps: int, context: int) -> None:
@@ -63,9 +64,9 @@ def check_lengths(n: int, steps: int, context: int) -> dict[str, int]:
     """Each check's input length: `n` times the usual (n = 4 for low-precision folders), each cut
     to fit `context` (max_position_embeddings, at least GREEDY_PROMPT + steps by check_steps).
     `logits`: the full forward; `kv_cache`: prefill and decode steps in all; `pad_long` and
-    `pad_short`: the left-padded prompts, which then generate min(8, steps) tokens;
+    `pad_short`: the left-padded prompts, which then generate min(PADDED_GREEDY, steps) tokens;
     `compute`: a quantized folder's graph against itself at accuracy level 0."""
-    generated = min(8, steps)
+    generated = min(PADDED_GREEDY, steps)
     pad_long = min(11 * n, context - generated)
     return {
         "logits": min(16 * n, context),
@@ -196,10 +197,9 @@ def verify_llama(
     if runner.kv_cache:
         ids = random_ids(rng, vocab, 1, lengths["kv_cache"])
         ref = torch_logits(model, ids)
-        prefill = KV_PREFILL
-        got, past = runner.forward(ids[:, :prefill], np.ones((1, prefill), np.int64), None)
+        got, past = runner.forward(ids[:, :KV_PREFILL], np.ones((1, KV_PREFILL), np.int64), None)
         per_step = [got]
-        for t in range(prefill, ids.shape[1]):
+        for t in range(KV_PREFILL, ids.shape[1]):
             step, past = runner.forward(ids[:, t : t + 1], np.ones((1, t + 1), np.int64), past)
             per_step.append(step)
         report.checks.append(
@@ -207,8 +207,8 @@ def verify_llama(
                 "kv_cache",
                 ref,
                 np.concatenate(per_step, axis=1),
-                f"prefill {prefill} then {ids.shape[1] - prefill} one-token decode steps vs the "
-                "full forward",
+                f"prefill {KV_PREFILL} then {ids.shape[1] - KV_PREFILL} one-token decode steps "
+                "vs the full forward",
             )
         )
 
@@ -246,7 +246,7 @@ def verify_llama(
     pad_check = logits_check(
         "left_padding", ref, got, f"batch of prompts of {long} and {short} ids, left-padded"
     )
-    n_gen = min(8, steps)
+    n_gen = min(PADDED_GREEDY, steps)
     batch_tokens = runner.generate(ids, n_gen, attention_mask=mask, eos_token_id=[])
     alone_tokens = np.concatenate([torch_greedy(model, r[None], n_gen) for r in rows])
     pad_check.metrics["greedy_rows_identical"] = int((batch_tokens == alone_tokens).all(1).sum())
