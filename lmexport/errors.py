@@ -23,3 +23,9 @@ class OutputError(LmexportError):
 
 class RuntimeInputError(LmexportError):
     """Inputs given to an exported model do not fit it."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """A foreign exception (onnxruntime's, torch.load's) cut to fit a one-line message: its
+    first line, at most `limit` characters, or its type when it says nothing."""
+    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import LmexportError
+from ..errors import LmexportError, first_line
 from ..runtime.session import QUIET
 
 CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths
@@ -83,10 +83,6 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return session.run(None, feeds)
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-
-
 def _reference(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """Generated inputs and the input graph's outputs on them."""
     feeds = _generated_inputs(model, CHECK_POSITIONS)
@@ -101,7 +97,7 @@ def _reference(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.n
         return feeds, _run(model, feeds)
     except Exception as e:
         raise LmexportError(
-            f"cannot run the input graph on generated inputs ({_first_line(e)}); "
+            f"cannot run the input graph on generated inputs ({first_line(e)}); "
             "use --no-check to skip the parity check"
         ) from None
 
@@ -111,7 +107,7 @@ def _fused(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndar
         return _run(model, feeds)
     except Exception as e:  # a fusion onnxruntime refuses: report it, write nothing
         raise LmexportError(
-            f"the optimized graph fails in onnxruntime ({_first_line(e)}); nothing written"
+            f"the optimized graph fails in onnxruntime ({first_line(e)}); nothing written"
         ) from None
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import SourceError
+from ...errors import SourceError, first_line
 
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 STATE_DICT_KEYS = ("model", "state_dict")  # where training scripts put the weights
@@ -73,7 +73,7 @@ def _load(path: Path) -> Any:
         ) from None
     except Exception as e:  # torch.load raises many types for files that are not checkpoints
         # The first sentence: miniz's messages go on to guess at causes.
-        first = str(e).splitlines()[0].split(". ")[0][:200] if str(e) else type(e).__name__
+        first = first_line(e).split(". ")[0]
         raise SourceError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
 
