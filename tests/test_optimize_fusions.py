@@ -409,6 +409,46 @@ def test_check_same_reaches_rotary_rows_past_the_first(tmp_path: Path) -> None:
     assert check_same(model, fused) > 1e-2
 
 
+class Float16Rotary(HalfRotary):
+    """A float16 model's rotary: angles in float32 (as transformers keeps inv_freq) with cos/sin
+    cast to float16, or the angles themselves in float16 (inv_freq rounded with the model)."""
+
+    def __init__(self, angles: torch.dtype) -> None:
+        super().__init__()
+        self.angles = angles
+        self.inv_freq = self.inv_freq.to(angles)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.to(self.angles)[..., None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().half()[:, None], angles.sin().half()[:, None]
+        return x * cos + rotate_half(x) * sin
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_float16_rotary(target: str, tmp_path: Path) -> None:
+    """cos/sin cast to float16 after float32 angles fuse, with the cache rounded the same way."""
+    x, positions = rotary_inputs()
+    args = (x.half(), positions)
+    model = export(Float16Rotary(torch.float32), args, ["x", "positions"], tmp_path / "m.onnx")
+    fused, _ = optimize_model(model, target)
+    assert Counter(n.op_type for n in fused.graph.node)["RotaryEmbedding"] == 1
+    far = {"x": args[0].numpy(), "positions": FAR_POSITIONS + 3000}
+    before, after = run_both(model, fused, far)
+    assert np.abs(before.astype(np.float32) - after).max() <= 1e-2
+
+
+def test_float16_angles_are_refused(tmp_path: Path) -> None:
+    """Angles computed in float16 are not reproduced by any cache: left as they are, said why."""
+    x, positions = rotary_inputs()
+    args = (x.half(), positions)
+    model = export(Float16Rotary(torch.float16), args, ["x", "positions"], tmp_path / "m.onnx")
+    fused, report = optimize_model(model, "onnx")
+    assert "RotaryEmbedding" not in {n.op_type for n in fused.graph.node}
+    rotary = next(f for f in report.fusions if f.name == "rotary")
+    assert any("FLOAT16, not float32" in reason for reason in rotary.refused), rotary.refused
+
+
 class MaskPositionsRotary(HalfRotary):
     """Positions from the attention mask as Hugging Face computes them: left padding gets -1."""
 

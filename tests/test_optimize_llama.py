@@ -63,15 +63,27 @@ def optimized_folder(folder: Path, target: str, dest: Path) -> tuple[Path, onnx.
     return dest, onnx.load(str(dest / "model.onnx"))
 
 
-def test_float16_plain_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_float16_plain_folder(target: str, tmp_path: Path) -> None:
     """A float16 graph moves by ~1e-3 under fusion (sums in another order): its check allows
-    1e-2 (1e-4 refused it), and the folder still passes verify's float16 bar end to end. Only
-    the norms and SiLU fuse there: its rotary casts cos/sin, its softmax runs in float32."""
+    1e-2 (1e-4 refused it), and the folder still passes verify's float16 bar end to end. Its
+    rotary casts float32 cos/sin to float16 and its softmax runs in float32 between two Casts:
+    both fuse, the softmax's precision kept as Attention's softmax_precision."""
     plain = lmexport.convert("llama-tiny", tmp_path / "plain", target="plain", dtype="float16")
-    report = lmexport.optimize(plain, tmp_path / "opt", target="ort")
+    report = lmexport.optimize(plain, tmp_path / "opt", target=target)
     assert report.max_diff is not None and 1e-4 < report.max_diff <= 1e-2
-    applied = report.applied_by_fusion()
-    assert applied["rms_norm"] == 2 * LAYERS + 1 and applied["silu"] == LAYERS
+    fused = onnx.load(str(tmp_path / "opt" / "model.onnx"))
+    counts = ops(fused)
+    for op in ("Softmax", "Cos", "Sin"):
+        assert counts[op] == 0, op
+    if target == "ort":
+        assert counts["GroupQueryAttention"] == LAYERS and counts["QuickGelu"] == LAYERS
+    else:
+        attentions = [n for n in fused.graph.node if n.op_type == "Attention"]
+        assert len(attentions) == LAYERS and counts["RotaryEmbedding"] == 2 * LAYERS
+        for node in attentions:
+            precision = {a.name: a.i for a in node.attribute}.get("softmax_precision")
+            assert precision == onnx.TensorProto.FLOAT
     verified = lmexport.verify(tmp_path / "opt", steps=8)
     assert verified.passed, verified.table()
 
@@ -121,8 +133,10 @@ def test_folder_of_another_target_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def export_transformers(impl: str, path: Path) -> torch.nn.Module:
-    model = random_transformers_llama(attn_implementation=impl)
+def export_transformers(
+    impl: str, path: Path, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    model = random_transformers_llama(attn_implementation=impl).to(dtype)
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:
@@ -180,6 +194,27 @@ def test_transformers_export(impl: str, target: str, tmp_path: Path) -> None:
     real = mask.astype(bool)
     assert np.abs(got[real] - expected[real]).max() <= 1e-4
     assert json.dumps(report.to_dict())  # the report serialises
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_transformers_float16_export(impl: str, tmp_path: Path) -> None:
+    """transformers in float16: cos/sin cast from float32 angles and (eager) the softmax in float32
+    between Casts; every fusion still applies and the fused graph picks PyTorch's tokens."""
+    pytest.importorskip("transformers")
+    model = export_transformers(impl, tmp_path / "hf.onnx", torch.float16)
+    out = tmp_path / "opt.onnx"
+    report = lmexport.optimize(tmp_path / "hf.onnx", out, target="ort")
+    assert report.max_diff is not None and report.max_diff <= 1e-2
+    counts = ops(onnx.load(str(out)))
+    assert counts["GroupQueryAttention"] == 2 and counts["RotaryEmbedding"] == 0  # inside GQA
+    assert counts["Softmax"] == 0 and counts["Cos"] == 0
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 9), dtype=np.int64)
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert np.abs(got.astype(np.float32) - expected).max() <= 2e-2 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
 
 def attribute(node: onnx.NodeProto, name: str) -> int:

@@ -9,7 +9,8 @@ Matched on 4-D tensors [batch, heads, sequence, head_dim] (Add and Mul in either
            | MatMul(Q, Transpose(K')) / c                 (scale 1/c, as `/ math.sqrt(d)` exports)
            | MatMul(Q · a, Reshape(Transpose(Reshape(K'))) · b)   (decomposed SDPA, scale a·b)
     masked = Where(masked_out, very negative, scores) | scores + additive bias
-    probs  = Softmax(masked, last axis), optionally with SDPA's NaN guard
+    probs  = Softmax(masked, last axis), optionally with SDPA's NaN guard, or in float32 between
+             two Casts (float16/bfloat16 eager attention: Attention's softmax_precision)
     out    = MatMul(probs, V')
 
 `Attention(Q, K, V, mask, scale)` takes the K/V of the kv heads directly, so the repeat (Expand,
@@ -58,11 +59,12 @@ def _tile_order(heads: int, kv_heads: int) -> list[int]:
 
 
 class AttentionFusion(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, scores: str, masking: str, nan_guard: bool) -> None:
+    def __init__(self, name: str, scores: str, masking: str, nan_guard: bool, upcast: bool) -> None:
         # Decomposed SDPA reads K's shape for its reshapes: the matched nodes are left for the
         # cleanup that follows to remove once nothing uses them.
         super().__init__(name, remove_nodes=False)
         self.scores, self.masking, self.nan_guard = scores, masking, nan_guard
+        self.upcast = upcast
 
     def pattern(self, op, q, k, v, scale, mask, fill, q_scale, k_scale):
         k_rep = _repeated(op, k, "k")
@@ -75,7 +77,13 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             k_t = op.Reshape(op.Transpose(flat, perm=[0, 2, 1]), _allow_other_inputs=True)
             scores = op.MatMul(op.Mul(q, q_scale), op.Mul(k_t, k_scale))
         masked = op.Where(mask, fill, scores) if self.masking == "where" else op.Add(scores, mask)
-        probs = op.Softmax(masked, _outputs=["probs"])
+        if self.upcast:
+            probs = op.Cast(
+                op.Softmax(op.Cast(masked, _outputs=["upcast"]), _outputs=["probs"]),
+                _outputs=["downcast"],
+            )
+        else:
+            probs = op.Softmax(masked, _outputs=["probs"])
         if self.nan_guard:
             probs = op.Where(op.IsNaN(probs), fill, probs)
         return op.MatMul(probs, v_rep)
@@ -114,6 +122,8 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             return result.fail("Softmax is not over the key axis", probs)
         if self._scale(bound) is None:
             return result.fail("the score scale is not a constant nonzero scalar")
+        if self.upcast and not _upcast_softmax(bound, q.dtype):
+            return result.fail(f"the Casts around Softmax are not {q.dtype} → float32 → back", q)
         if self.masking == "where":
             fill = _scalar(bound.get("fill"))  # type: ignore[arg-type]
             if fill is None or fill > VERY_NEGATIVE:
@@ -150,15 +160,33 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
                 mask = producer.inputs[0]
             else:
                 mask = op.Not(mask)
+        # A float16/bfloat16 graph that takes its softmax in float32 says so to Attention.
+        precision = {"softmax_precision": ir.DataType.FLOAT.value} if self.upcast else {}
         if bound.get("k_repeat") != "tile":
-            return op.Attention(q, k, v, mask, scale=self._scale(bound))
+            return op.Attention(q, k, v, mask, scale=self._scale(bound), **precision)
         order = _tile_order(q.shape[1], k.shape[1])
         back = [order.index(h) for h in range(len(order))]
         q = op.Gather(q, op.Constant(value_ints=order), axis=1)
         if mask.shape[1] != 1:  # a mask or bias per head (ALiBi): in the heads' new order
             mask = op.Gather(mask, op.Constant(value_ints=order), axis=1)
-        out = op.Attention(q, k, v, mask, scale=self._scale(bound))
+        out = op.Attention(q, k, v, mask, scale=self._scale(bound), **precision)
         return op.Gather(out, op.Constant(value_ints=back), axis=1)
+
+
+def _upcast_softmax(bound: dict[str, object], dtype: ir.DataType | None) -> bool:
+    """Scores of a float16/bfloat16 graph cast to float32 for Softmax and back to their dtype
+    (transformers' eager attention, `softmax(…, dtype=torch.float32).to(q.dtype)`)."""
+
+    def cast_to(name: str) -> int | None:
+        value = bound.get(name)
+        node = value.producer() if isinstance(value, ir.Value) else None
+        return node.attributes.get_int("to", 0) if node is not None else None
+
+    return (
+        dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        and cast_to("upcast") == ir.DataType.FLOAT.value
+        and cast_to("downcast") == dtype.value
+    )
 
 
 def _tiles_heads(tiled: object, groups: int) -> bool:
@@ -185,11 +213,16 @@ def _repeats_interleaved(unsqueezed: object) -> bool:
 rules = pattern.RewriteRuleSet(
     [
         AttentionFusion.rule(
-            f"Attention[{scores},{masking}{',nan' if nan else ''}]", scores, masking, nan
+            f"Attention[{scores},{masking}{',nan' if nan else ''}{',upcast' if upcast else ''}]",
+            scores,
+            masking,
+            nan,
+            upcast,
         )
         for scores in ("eager", "div", "sdpa")
         for masking in ("where", "add")
         for nan in (False, True)
+        for upcast in (False, True)
     ],
     commute=True,
 )

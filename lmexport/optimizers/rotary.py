@@ -48,6 +48,18 @@ def _strip_unsqueeze(value: ir.Value) -> ir.Value:
     return node.inputs[0] if node is not None and node.inputs[0] is not None else value
 
 
+def _strip_cast(value: ir.Value) -> ir.Value:
+    """cos/sin before the Cast that rounds them to a float16/bfloat16 model's dtype (the cache is
+    rounded the same way in `rewrite`)."""
+    node = _producer(value, "Cast")
+    return node.inputs[0] if node is not None and node.inputs[0] is not None else value
+
+
+def _cos_sin_source(value: ir.Value) -> ir.Value:
+    """Cos(angles) or a gathered table behind cos/sin: Unsqueeze and Cast in either order."""
+    return _strip_cast(_strip_unsqueeze(_strip_cast(value)))
+
+
 def trace_angles(
     cos: ir.Value, sin: ir.Value, head_dim: int, max_positions: int, interleaved: bool = False
 ) -> Angles | str:
@@ -55,8 +67,8 @@ def trace_angles(
 
     Rotate-half forms use angles Concat(F, F) over the whole head; interleaved forms use F, one
     angle per pair of channels."""
-    cos_node = _producer(_strip_unsqueeze(cos), "Cos")
-    sin_node = _producer(_strip_unsqueeze(sin), "Sin")
+    cos_node = _producer(_cos_sin_source(cos), "Cos")
+    sin_node = _producer(_cos_sin_source(sin), "Sin")
     if cos_node is None or sin_node is None:
         if interleaved:
             return "cos/sin of the interleaved form are not Cos/Sin of angles"
@@ -64,6 +76,11 @@ def trace_angles(
     angles = cos_node.inputs[0]
     if angles is not sin_node.inputs[0]:
         return "cos and sin are computed from different angles"
+    if angles is not None and angles.dtype not in (ir.DataType.FLOAT, None):
+        # Rounded angles are off by up to a radian at position 3000, by an amount that depends on
+        # where onnxruntime computes in float32 (its graph optimization level changes it): no
+        # cache reproduces them.
+        return f"angles are {angles.dtype}, not float32: their rounding cannot be reproduced"
     freqs = angles
     if not interleaved:
         concat = _producer(angles, "Concat")
@@ -105,8 +122,8 @@ def _gathered(value: ir.Value) -> tuple[ir.Value | None, ir.Value | None]:
 
 def _trace_tables(cos: ir.Value, sin: ir.Value, head_dim: int) -> Angles | str:
     """cos/sin gathered from constant [max_positions, head_dim] tables by positions."""
-    cos_source, positions = _gathered(_strip_unsqueeze(cos))
-    sin_source, sin_positions = _gathered(_strip_unsqueeze(sin))
+    cos_source, positions = _gathered(_cos_sin_source(cos))
+    sin_source, sin_positions = _gathered(_cos_sin_source(sin))
     if positions is None or sin_positions is None:
         return "cos/sin are neither Cos/Sin of angles nor gathered from constant tables"
     cos_table, sin_table = _const(cos_source), _const(sin_source)
@@ -229,8 +246,9 @@ def _heads_layout(cos: ir.Value, positions: ir.Value) -> bool:
     RotaryEmbedding reads: angles [seq, d] may gain leading axes, angles [batch, seq, d] gain the
     heads axis 1. [batch, seq, heads, d] layouts unsqueeze at axis 2 (or [seq, 1, d]): a fused op
     would rotate each head by another position, or fail."""
+    cos = _strip_cast(cos)
     node = _producer(cos, "Unsqueeze")
-    source = node.inputs[0] if node is not None else cos
+    source = _strip_cast(node.inputs[0]) if node is not None and node.inputs[0] else cos
     if source is None:
         return False
     shape = source.shape or positions.shape  # angles: the positions' shape and d
