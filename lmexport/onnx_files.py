@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import LmexportError
+from .errors import LmexportError, first_line
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to a .data file
 
@@ -46,6 +46,6 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         missing = Path(str(e.filename)).name
         raise LmexportError(f"{path}: external data file missing ({missing})") from None
     except onnx.checker.ValidationError as e:  # onnx's word for unreadable external data
-        raise LmexportError(f"{path}: {str(e).splitlines()[0][:300]}") from None
+        raise LmexportError(f"{path}: {first_line(e, 300)}") from None
     except Exception as e:  # protobuf raises DecodeError and friends for anything not ONNX
         raise LmexportError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None

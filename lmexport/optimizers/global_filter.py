@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnx.utils import Extractor
 
 from .. import spectral
+from ..errors import first_line
 from .report import Fusion
 
 TOLERANCE = 1e-4  # of the probe output against the circular convolution, relative to its scale
@@ -166,7 +167,7 @@ def _kernel(extractor: Extractor, region: Region) -> np.ndarray | str:
         sub = extractor.extract_model([region.x.name], [region.y.name])
         session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnx and onnxruntime raise their own untyped errors
-        return f"cannot evaluate the region ({str(e).splitlines()[0][:120]})"
+        return f"cannot evaluate the region ({first_line(e, 120)})"
     assert region.x.shape is not None
     batch, channels, height, width = (d if isinstance(d, int) else 1 for d in list(region.x.shape))
     impulse = np.zeros((batch, channels, height, width), np.float32)

@@ -22,7 +22,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import LmexportError, RuntimeInputError
+from ..errors import LmexportError, RuntimeInputError, first_line
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -135,7 +135,7 @@ class ChatTemplate:
             )
         except (jinja2.exceptions.TemplateError, TypeError, ValueError) as e:
             # raise_exception's message, or what a template did wrong with these messages
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            message = first_line(e, 300)
             raise RuntimeInputError(f"{self.origin}: chat template: {message}") from None
 
     def encode(

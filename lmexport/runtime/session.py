@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import LmexportError
+from ..errors import LmexportError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CHOICES = (*PROVIDERS, "auto")  # auto: CUDA when this onnxruntime can run it, else the CPU
@@ -64,7 +64,7 @@ def create_session(
         session = ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for unloadable graphs
         raise LmexportError(
-            f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0]})"
+            f"{model_path}: onnxruntime cannot load it ({first_line(e, 300)})"
         ) from None
     # onnxruntime-gpu lists CUDA even where it cannot start it (no GPU, driver or CUDA libraries)
     # and then quietly runs on the CPU.
