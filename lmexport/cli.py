@@ -244,6 +244,13 @@ def _echo_quantization(folder: Path) -> None:
 @click.option("--no-check", is_flag=True, help="Skip the before/after parity run (huge graphs).")
 @click.option("-v", "--verbose", is_flag=True, help="List refused matches and why.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option(
+    "--max-positions",
+    type=int,
+    default=None,
+    help="Rows of a rotary cache built from angles the graph computes (default: a folder's "
+    "context, 8192 for a file).",
+)
 @_quantize_flags
 def optimize(
     source: Path,
@@ -253,6 +260,7 @@ def optimize(
     no_check: bool,
     verbose: bool,
     force: bool,
+    max_positions: int | None,
     **quantize: Any,
 ) -> None:
     """Fuse RMSNorm, rotary and grouped attention in SOURCE (an ONNX file, or a folder from
@@ -263,7 +271,13 @@ def optimize(
     options = _quantize_options(quantize)
     _report_file(report_path, "--report")
     report = optimize_file(
-        source, output, target, check=not no_check, quantize=options, force=force
+        source,
+        output,
+        target,
+        check=not no_check,
+        quantize=options,
+        force=force,
+        max_positions=max_positions,
     )
     click.echo(report.table(verbose))
     if report_path is not None:

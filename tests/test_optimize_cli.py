@@ -44,6 +44,25 @@ def test_optimize_plain_export(plain_model: Path, tmp_path: Path) -> None:
     assert "ReduceMean" not in ops and ops.count("SkipSimplifiedLayerNormalization") == 8
 
 
+def rotary_rows(path: Path) -> set[int]:
+    model = onnx.load(str(path))
+    return {t.dims[0] for t in model.graph.initializer if t.name.startswith("rotary_cos")}
+
+
+def test_max_positions(plain_model: Path, tmp_path: Path) -> None:
+    """A graph that computes its angles gets a cache of 8192 rows, or as many as asked."""
+    for args, rows in (([], 8192), (["--max-positions", "1024"], 1024)):
+        out = tmp_path / f"fused{rows}.onnx"
+        code, _, err = run("optimize", str(plain_model), "-o", str(out), *args)
+        assert code == 0, err
+        assert rotary_rows(out) == {rows}
+    assert_bad_input(
+        ["optimize", str(plain_model), "-o", str(tmp_path / "x.onnx"), "--max-positions", "3"],
+        "--max-positions 3",
+    )
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_graph_without_llama_pattern(tmp_path: Path) -> None:
     """Nothing to fuse is not an error: zero fusions, exit 0, the graph written unchanged."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])

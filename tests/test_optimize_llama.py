@@ -88,6 +88,28 @@ def test_float16_plain_folder(target: str, tmp_path: Path) -> None:
     assert verified.passed, verified.table()
 
 
+def test_plain_folder_keeps_its_context(tmp_path: Path) -> None:
+    """A plain folder's rotary caches span its whole context, as `convert` builds them: with
+    8192 rows, a 10000-position model failed in GroupQueryAttention past position 8191."""
+    write_hf_folder(tmp_path / "hf", small_config(max_position_embeddings=10000))
+    plain = lmexport.convert(tmp_path / "hf", tmp_path / "plain", target="plain")
+    lmexport.optimize(plain, tmp_path / "opt", target="ort")
+    rng = np.random.default_rng(0)
+    past = 8199  # one decode step at position 8199 over a random cache
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.array([[7]]),
+        "attention_mask": np.ones((1, past + 1), dtype=np.int64),
+    }
+    for i in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((1, 2, past, 16), np.float32)
+    plain_logits, fused_logits = (
+        ort.InferenceSession(str(folder / "model.onnx")).run(["logits"], feeds)[0]
+        for folder in (plain, tmp_path / "opt")
+    )
+    assert np.abs(plain_logits - fused_logits).max() <= 1e-4
+
+
 @pytest.mark.parametrize("cache", ["kv", "no_kv"])
 def test_plain_export_to_ort(
     plain_folders: dict[str, Path], ort_node_counts: dict[str, int], cache: str, tmp_path: Path

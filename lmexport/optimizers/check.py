@@ -24,12 +24,14 @@ import onnxruntime as ort
 
 from ..errors import LmexportError, first_line
 from ..runtime.session import QUIET
+from .pipeline import MAX_POSITIONS
 
 CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths
 CHECK_PAST = 300  # the past of the cached run (a decode step: batch and sequence 1)
-# Positions are drawn below this, far enough to reach a rotary cache's later rows and inside
-# the 8192 rows the rotary fusion builds; below CHECK_DIM for a graph whose own table is shorter.
+# Positions are drawn below this, far enough to reach a rotary cache's later rows, and below the
+# rows the rotary fusion builds; below CHECK_DIM for a graph whose own table is shorter.
 CHECK_POSITIONS = 4096
+MIN_POSITIONS = 2 * CHECK_DIM  # the fewest rotary cache rows the check can run against
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[str]:
@@ -83,14 +85,16 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return session.run(None, feeds)
 
 
-def _reference(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+def _reference(
+    model: onnx.ModelProto, positions: int
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """Generated inputs and the input graph's outputs on them."""
-    feeds = _generated_inputs(model, CHECK_POSITIONS)
+    feeds = _generated_inputs(model, positions)
     if any("position" in name for name in feeds):
         try:
             return feeds, _run(model, feeds)
         except Exception:  # onnxruntime's own exception types are not importable stably
-            # The graph may index a table shorter than CHECK_POSITIONS by a route that
+            # The graph may index a table shorter than `positions` by a route that
             # `_generated_inputs` does not follow.
             feeds = _generated_inputs(model, CHECK_DIM)
     try:
@@ -161,9 +165,13 @@ def _compare(
     return list(zip(names, expected, _fused(after, feeds), strict=True))
 
 
-def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
-    """Largest output difference between the graphs, relative to the output's scale."""
-    feeds, expected = _reference(before)
+def check_same(
+    before: onnx.ModelProto, after: onnx.ModelProto, max_positions: int = MAX_POSITIONS
+) -> float:
+    """Largest output difference between the graphs, relative to the output's scale, at
+    positions below `max_positions` (the rows of the fused rotary caches)."""
+    positions = min(CHECK_POSITIONS, max_positions)
+    feeds, expected = _reference(before, positions)
     worst = max(
         (_difference(r, o) for r, o in zip(expected, _fused(after, feeds), strict=True)),
         default=0.0,
@@ -175,7 +183,8 @@ def check_same(before: onnx.ModelProto, after: onnx.ModelProto) -> float:
             if name in outputs and ref.shape[:2] == real.shape:
                 worst = max(worst, _difference(ref[real], out[real]))
     if any("past" in name and feeds[name].ndim > 2 for name in feeds):
-        cached = _generated_inputs(before, CHECK_POSITIONS, past=CHECK_PAST)
+        past = min(CHECK_PAST, max_positions - 1)
+        cached = _generated_inputs(before, positions, past=past)
         for _, ref, out in _compare(before, after, cached) or []:
             worst = max(worst, _difference(ref, out))
     return worst

@@ -15,9 +15,9 @@ import onnx
 from ..errors import LmexportError
 from ..onnx_files import load_onnx, save_onnx, umask_mode
 from ..quantize import QuantizeOptions, as_options, check_quantizable, quantize_into
-from .check import check_same
+from .check import MIN_POSITIONS, check_same
 from .hornet_pipeline import is_image_model, optimize_image_model
-from .pipeline import optimize_model
+from .pipeline import MAX_POSITIONS, optimize_model
 from .report import Report
 
 
@@ -29,24 +29,31 @@ def optimize_file(
     tolerance: float | None = None,
     quantize: str | QuantizeOptions | None = None,
     force: bool = False,
+    max_positions: int | None = None,
 ) -> Report:
     """SOURCE an ONNX file → OUTPUT file, or SOURCE a `convert` folder → OUTPUT folder;
     `quantize` (folders only: their lmexport.json records the accuracy) as for `convert`;
     `force` replaces an existing OUTPUT; `tolerance` for the parity check, by default
-    `default_tolerance(graph)`."""
+    `default_tolerance(graph)`; `max_positions` the rows of a rotary cache built from angles the
+    graph computes (by default the folder's context, MAX_POSITIONS for a file)."""
+    if max_positions is not None and max_positions < MIN_POSITIONS:
+        raise LmexportError(f"--max-positions {max_positions}: at least {MIN_POSITIONS}")
     options = as_options(quantize)
     # Before the fusing and the parity run, which take minutes on a big graph.
     if output.exists() and not force:
         raise LmexportError(f"{output}: already exists (use --force to replace it)")
     if source.is_dir():
-        return _optimize_folder(source, output, target, check, tolerance, options, force)
+        return _optimize_folder(
+            source, output, target, check, tolerance, options, force, max_positions
+        )
     if output.is_dir():
         raise LmexportError(f"{output}: is a folder (an ONNX file's output is a file)")
     if options is not None:
         raise LmexportError(
             "--quantize takes a folder written by `lmexport convert`, not an ONNX file"
         )
-    fused, report = _optimized(load_onnx(source), target, check, tolerance)
+    positions = MAX_POSITIONS if max_positions is None else max_positions
+    fused, report = _optimized(load_onnx(source), target, check, tolerance, positions)
     _save(fused, output)
     return report
 
@@ -60,14 +67,18 @@ def default_tolerance(model: onnx.ModelProto) -> float:
 
 
 def _optimized(
-    model: onnx.ModelProto, target: str, check: bool, tolerance: float | None
+    model: onnx.ModelProto,
+    target: str,
+    check: bool,
+    tolerance: float | None,
+    max_positions: int,
 ) -> tuple[onnx.ModelProto, Report]:
     if is_image_model(model):
         fused, report = optimize_image_model(model)
     else:
-        fused, report = optimize_model(model, target)
+        fused, report = optimize_model(model, target, max_positions)
     if check and report.applied:
-        worst = check_same(model, fused)
+        worst = check_same(model, fused, max_positions)
         tolerance = default_tolerance(model) if tolerance is None else tolerance
         if not worst <= tolerance:  # NaN included
             raise LmexportError(
@@ -86,6 +97,7 @@ def _optimize_folder(
     tolerance: float | None,
     quantize: QuantizeOptions | None,
     force: bool,
+    max_positions: int | None,
 ) -> Report:
     """A copy of the folder with the fused (and maybe quantized) graph and `lmexport.json`
     saying what was done."""
@@ -104,7 +116,12 @@ def _optimize_folder(
         )
     if quantize is not None:
         check_quantizable({**manifest, "target": target})
-    fused, report = _optimized(load_onnx(source / MODEL_FILE), target, check, tolerance)
+    if max_positions is None:  # as `convert` builds its rotary caches: the whole context
+        max_positions = manifest.get("config", {}).get("max_position_embeddings", MAX_POSITIONS)
+    assert max_positions is not None
+    fused, report = _optimized(
+        load_onnx(source / MODEL_FILE), target, check, tolerance, max_positions
+    )
     with staged_folder(output, force, source=source) as stage:
         for item in source.iterdir():
             written_here = (MANIFEST, MODEL_FILE, MODEL_FILE + ".data", GENAI_CONFIG)
