@@ -449,6 +449,44 @@ def test_float16_angles_are_refused(tmp_path: Path) -> None:
     assert any("FLOAT16, not float32" in reason for reason in rotary.refused), rotary.refused
 
 
+class RecastRotary(HalfRotary):
+    """cos/sin cast to `inner` before they meet x of `dtype`: a rounding no float32 cache cast
+    once to x's dtype reproduces."""
+
+    def __init__(self, inner: torch.dtype, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.float()[..., None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        cos = angles.cos().to(self.inner)[:, None].to(self.dtype)
+        sin = angles.sin().to(self.inner)[:, None].to(self.dtype)
+        return x * cos + rotate_half(x) * sin
+
+
+@pytest.mark.parametrize(
+    ("inner", "dtype"),
+    [
+        (torch.int64, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float64, torch.float64),  # RotaryEmbedding takes no float64
+    ],
+    ids=["int64", "bf16-in-f16", "f64"],
+)
+def test_rotary_through_other_casts_is_refused(
+    inner: torch.dtype, dtype: torch.dtype, tmp_path: Path
+) -> None:
+    x, positions = rotary_inputs()
+    args = (x.to(dtype), positions)
+    model = export(RecastRotary(inner, dtype), args, ["x", "positions"], tmp_path / "m.onnx")
+    fused, _ = optimize_model(model, "onnx")
+    assert "RotaryEmbedding" not in {n.op_type for n in fused.graph.node}
+    far = {"x": args[0].numpy(), "positions": FAR_POSITIONS}
+    before, after = run_both(model, fused, far)
+    assert np.array_equal(before, after)
+
+
 class MaskPositionsRotary(HalfRotary):
     """Positions from the attention mask as Hugging Face computes them: left padding gets -1."""
 

@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
+HALVES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
 
 @dataclass
 class Angles:
@@ -48,16 +50,22 @@ def _strip_unsqueeze(value: ir.Value) -> ir.Value:
     return node.inputs[0] if node is not None and node.inputs[0] is not None else value
 
 
-def _strip_cast(value: ir.Value) -> ir.Value:
-    """cos/sin before the Cast that rounds them to a float16/bfloat16 model's dtype (the cache is
-    rounded the same way in `rewrite`)."""
+def _rounded_from(value: ir.Value, dtype: ir.DataType | None) -> ir.Value | None:
+    """The float32 cos/sin that a Cast rounds to `dtype`, a float16/bfloat16 model's (the cache is
+    rounded the same way in `rewrite`); None for any other Cast or op."""
     node = _producer(value, "Cast")
-    return node.inputs[0] if node is not None and node.inputs[0] is not None else value
+    if node is None or dtype not in HALVES or node.attributes.get_int("to", 0) != dtype.value:
+        return None
+    source = node.inputs[0]
+    return source if source is not None and source.dtype == ir.DataType.FLOAT else None
 
 
 def _cos_sin_source(value: ir.Value) -> ir.Value:
-    """Cos(angles) or a gathered table behind cos/sin: Unsqueeze and Cast in either order."""
-    return _strip_cast(_strip_unsqueeze(_strip_cast(value)))
+    """Cos(angles) or a gathered table behind cos/sin: an Unsqueeze, and one Cast from float32 to
+    the model's float16/bfloat16, in either order."""
+    rounded = _rounded_from(value, value.dtype)
+    inner = _strip_unsqueeze(rounded or value)
+    return inner if rounded is not None else (_rounded_from(inner, value.dtype) or inner)
 
 
 def trace_angles(
@@ -181,6 +189,8 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
         if x.shape is None or x.shape.rank() != 4 or not isinstance(x.shape[3], int):
             return result.fail(f"x shape {x.shape} is not [batch, heads, sequence, head_dim]", x)
         head_dim = x.shape[3]
+        if x.dtype not in (ir.DataType.FLOAT, *HALVES):
+            return result.fail(f"x is {x.dtype}, not float32, float16 or bfloat16", x)
         if self.halves == "interleaved":
             if not _slices_pairs(bound["x1"], bound["x2"]):
                 return result.fail("the two Slices are not the even and odd channels")
@@ -246,9 +256,8 @@ def _heads_layout(cos: ir.Value, positions: ir.Value) -> bool:
     RotaryEmbedding reads: angles [seq, d] may gain leading axes, angles [batch, seq, d] gain the
     heads axis 1. [batch, seq, heads, d] layouts unsqueeze at axis 2 (or [seq, 1, d]): a fused op
     would rotate each head by another position, or fail."""
-    cos = _strip_cast(cos)
-    node = _producer(cos, "Unsqueeze")
-    source = _strip_cast(node.inputs[0]) if node is not None and node.inputs[0] else cos
+    node = _producer(_rounded_from(cos, cos.dtype) or cos, "Unsqueeze")
+    source = node.inputs[0] if node is not None else cos
     if source is None:
         return False
     shape = source.shape or positions.shape  # angles: the positions' shape and d
