@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lmexport
 from lmexport.optimizers import optimize_model
 from lmexport.optimizers.check import check_same
+from lmexport.optimizers.command import default_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,18 @@ def test_nan_is_a_difference() -> None:
     opset = [helper.make_opsetid("", 17)]
     before, after = (helper.make_model(g, opset_imports=opset) for g in (same, nan))
     assert check_same(before, after) == float("inf")
+
+
+def test_tolerance_follows_most_weights(plain_graph: onnx.ModelProto) -> None:
+    """A float32 graph keeps 1e-4 with a float16 constant in it; a float16 model gets 1e-2."""
+    assert default_tolerance(plain_graph) == 1e-4
+    mixed = onnx.ModelProto()
+    mixed.CopyFrom(plain_graph)
+    half = numpy_helper.from_array(np.zeros(8, np.float16), "a_half_constant")
+    mixed.graph.initializer.append(half)
+    assert default_tolerance(mixed) == 1e-4
+    for tensor in mixed.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            array = numpy_helper.to_array(tensor).astype(np.float16)
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    assert default_tolerance(mixed) == 1e-2
