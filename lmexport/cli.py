@@ -409,8 +409,8 @@ def generate(
     provider: str,
 ) -> None:
     """Continue prompts (greedy unless --temperature > 0), printing as the text comes; a batch
-    (several prompts) prints one `[n] text` line a prompt. Text when FOLDER has a tokenizer,
-    else ids."""
+    (several prompts) prints each prompt's text after `[n] `, in prompt order. Text when FOLDER
+    has a tokenizer, else ids."""
     from .runtime import LlamaRunner, load_chat_template
 
     texts = [*prompts, *(_read_prompt_file(prompt_file) if prompt_file is not None else [])]

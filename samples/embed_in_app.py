@@ -5,9 +5,9 @@
 
 POST /generate with a JSON body: "prompt" (text, needs the folder's tokenizer.json) or "ids"
 (token ids), and optionally "max_new_tokens" (default 32), "temperature", "top_k", "top_p",
-"min_p", "repetition_penalty", "seed", "stop" (strings), "chat" (true: the prompt is a user turn
-of the folder's chat template). The answer is {"ids": [...], "text": "..."} ("text" when the
-folder has a tokenizer), or {"error": "..."} with status 400 for bad input.
+"min_p", "repetition_penalty", "seed", "stop" (a string or a list of strings), "chat" (true: the
+prompt is a user turn of the folder's chat template). The answer is {"ids": [...], "text": "..."}
+("text" when the folder has a tokenizer), or {"error": "..."} with status 400 for bad input.
 
     curl -s localhost:8000/generate -d '{"ids": [1, 2, 3], "max_new_tokens": 8}'
 
@@ -39,6 +39,14 @@ def _number(value: Any, name: str, kind: type = float) -> Any:
     if _is_int(value) or (kind is float and isinstance(value, float)):
         return value
     raise LmexportError(f'"{name}" must be {"an integer" if kind is int else "a number"}')
+
+
+def _stop(value: Any) -> list[str]:
+    """One stop string or a list of them ("Paris" is one stop, not five letters)."""
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise LmexportError('"stop" must be a string or a list of strings')
+    return stop
 
 
 class Generator:
@@ -77,7 +85,7 @@ class Generator:
                 return {"ids": [int(step[0]) for step in steps]}
             tokens: list[int] = []
             text = ""
-            stop = [str(s) for s in request.get("stop", [])]
+            stop = _stop(request.get("stop", []))
             for step in self.runner.stream_text(
                 [ids], max_new_tokens, eos_token_id=eos, stop=stop, **options
             ):

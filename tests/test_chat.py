@@ -141,3 +141,15 @@ def test_cli_chat_without_template(chat_folder: Path, tmp_path: Path) -> None:
     shutil.copytree(chat_folder, folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     assert_bad_input(["generate", str(folder), "--chat", "--prompt", "hi"], "no chat template")
+
+
+def test_template_file_not_utf8(chat_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    shutil.copytree(chat_folder, folder)
+    (folder / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(LmexportError, match=r"chat_template\.jinja: unreadable"):
+        load_chat_template(folder)
+    assert_bad_input(
+        ["generate", str(folder), "--prompt", "hi", "--chat", "--max-new-tokens", "2"],
+        "unreadable",
+    )

@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from lmexport.errors import RuntimeInputError
 from lmexport.runtime import LlamaRunner
+
+from helpers import assert_bad_input
 
 NO_TORCH = """
 import sys
@@ -83,3 +86,33 @@ def test_context_limit(tiny_folder: Path) -> None:
     runner = LlamaRunner.load(tiny_folder)
     with pytest.raises(RuntimeInputError, match="context"):
         runner.generate([[1] * 500], 100)
+
+
+def test_eos_token_id_as_a_numpy_integer(tiny_folder: Path) -> None:
+    runner = LlamaRunner.load(tiny_folder)
+    free = runner.generate([[1, 2, 3]], 8, eos_token_id=[])[0]
+    stopped = runner.generate([[1, 2, 3]], 8, eos_token_id=free[3])  # an np.int64
+    first = list(free).index(free[3])
+    assert list(stopped[0]) == list(free[: first + 1])
+
+
+@pytest.mark.parametrize(
+    ("rows", "word"),
+    [
+        ([[1, 2], [2**70]], "integer"),
+        ([[1, 2], [1.7]], "integer"),  # not truncated to token 1
+        ([[1, 2], [2**63]], "int64"),
+        ([[1, 2], [600]], "vocabulary"),
+    ],
+)
+def test_prompts_of_different_lengths_checked(
+    tiny_folder: Path, rows: list[list[Any]], word: str
+) -> None:
+    with pytest.raises(RuntimeInputError, match=word):
+        LlamaRunner.load(tiny_folder).generate(rows, 2)
+
+
+def test_cli_prompts_of_different_lengths_checked(tiny_folder: Path) -> None:
+    assert_bad_input(
+        ["generate", str(tiny_folder), "--ids", "1,2", "--ids", str(10**23)], "integer"
+    )

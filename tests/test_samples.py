@@ -72,6 +72,21 @@ def test_embed_in_app(server: str, chat_folder: Path) -> None:
     )
 
 
+def test_embed_in_app_stop_string(server: str, chat_folder: Path) -> None:
+    """A JSON string is one stop string, as a list of it is, not a stop at each character."""
+    ids = [5, 6, 7, 8]
+    text = LlamaRunner.load(chat_folder).generate_text([ids], 30)[0]
+    # Three characters of the text, one of which comes earlier alone.
+    stop = next(
+        text[i : i + 3]
+        for i in range(3, 25)
+        if set(text[i : i + 3]) & set(text[:i]) and "\ufffd" not in text[i : i + 3]
+    )
+    for given in (stop, [stop]):
+        status, answer = _post(server, {"ids": ids, "max_new_tokens": 30, "stop": given})
+        assert status == 200 and answer["text"] == text[: text.index(stop)], given
+
+
 @pytest.mark.parametrize(
     ("body", "word"),
     [
@@ -84,6 +99,8 @@ def test_embed_in_app(server: str, chat_folder: Path) -> None:
         ({"ids": [1], "temperature": True}, "temperature"),
         ({"ids": [1], "top_k": 2.5}, "top_k"),
         ({"ids": [1], "max_new_tokens": "8"}, "max_new_tokens"),
+        ({"ids": [1], "stop": [1]}, "stop"),  # not the string "1"
+        ({"ids": [1], "stop": {"x": 1}}, "stop"),
     ],
 )
 def test_embed_in_app_bad_input(server: str, body: dict[str, Any], word: str) -> None:

@@ -111,3 +111,16 @@ def test_temperature_towards_zero_is_greedy(tiny_folder: Path) -> None:
 )
 def test_cli_bad_sampling(tiny_folder: Path, option: str, value: str, word: str) -> None:
     assert_bad_input(["generate", str(tiny_folder), "--ids", "1,2", option, value], word)
+
+
+def test_temperature_too_small_to_scale_is_greedy(tiny_folder: Path) -> None:
+    """1e-320 overflows the scaled logits: its limit, greedy, not NaN probabilities (which drew
+    token 0 at every step)."""
+    logits = np.array([[1.0, 5.0, 3.0], [-4.0, -1.0, -3.0]], dtype=np.float32)
+    with np.errstate(all="raise"):
+        probs = filtered_probabilities(logits, Sampling(temperature=1e-320))
+    assert np.array_equal(probs, [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    runner = LlamaRunner.load(tiny_folder)
+    greedy = runner.generate([[4, 5, 6]], 16, eos_token_id=[])
+    frozen = runner.generate([[4, 5, 6]], 16, eos_token_id=[], temperature=1e-320, seed=0)
+    assert np.array_equal(greedy, frozen)

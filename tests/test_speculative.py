@@ -130,3 +130,33 @@ def test_draft_with_other_vocabulary(tiny_folder: Path, tmp_path: Path) -> None:
     assert_bad_input(
         ["generate", str(tiny_folder), "--ids", "1,2", "--draft", str(draft)], "vocabulary"
     )
+
+
+def test_draft_shorter_than_the_generation(tiny_folder: Path, tmp_path: Path) -> None:
+    """A draft's context bounds the generation as the target's does: refused before any run,
+    not an onnxruntime error once the sequence outgrows it."""
+    write_hf_folder(tmp_path / "src", small_config(vocab_size=512, max_position_embeddings=16))
+    draft = lmexport.convert(str(tmp_path / "src"), tmp_path / "draft")
+    target = LlamaRunner.load(tiny_folder)
+    with pytest.raises(RuntimeInputError, match="draft's context of 16"):
+        target.stream([[1, 2, 3]], 14, draft=LlamaRunner.load(draft))
+    assert target.generate([[1, 2, 3]], 13, draft=LlamaRunner.load(draft)).shape[1] <= 13
+    assert_bad_input(
+        ["generate", str(tiny_folder), "--ids", "1,2,3", "--max-new-tokens", "30",
+         "--draft", str(draft)],
+        "draft's context",
+    )  # fmt: skip
+
+
+def test_draft_checked_at_the_call(tiny_folder: Path, tmp_path: Path) -> None:
+    """stream() checks the draft when called, as it does the rest of the request."""
+    target = LlamaRunner.load(tiny_folder)
+    no_cache = lmexport.convert("llama-tiny", tmp_path / "nokv", target="plain", kv_cache=False)
+    with pytest.raises(RuntimeInputError, match="KV-cache"):
+        target.stream(PROMPT, 4, draft=LlamaRunner.load(no_cache))
+    with pytest.raises(RuntimeInputError, match="at least 1"):
+        target.stream(PROMPT, 4, draft=target, draft_tokens=0)
+    write_hf_folder(tmp_path / "src", small_config(vocab_size=300))
+    other = lmexport.convert(str(tmp_path / "src"), tmp_path / "other")
+    with pytest.raises(RuntimeInputError, match="vocabulary"):
+        target.stream(PROMPT, 4, draft=LlamaRunner.load(other))

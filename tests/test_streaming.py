@@ -57,6 +57,37 @@ def test_stop_string_never_shown(tokenizer: Any) -> None:
     assert "".join(pieces) == TEXT and not detok.stopped
 
 
+def test_stop_strings_match_special_tokens(tokenizer: Any) -> None:
+    """Stop strings see `<|im_end|>` and the like, as transformers' stop_strings do; the text
+    handed out skips them all the same and ends before the stop string."""
+    ids = tokenizer.encode("Paris is<|im_end|> the capital<|im_start|>").ids
+    assert 3 in ids and 2 in ids  # <|im_end|>, <|im_start|>: special tokens
+    for stop, shown in [
+        ("<|im_end|>", "Paris is"),
+        ("is<|im_end|> the", "Paris "),  # across a special token
+        ("im_end|> the", "Paris is"),  # beginning inside one
+        ("capital<|im_start|>", "Paris is the "),
+        ("zzz", "Paris is the capital"),
+    ]:
+        pieces, detok = _pieces(tokenizer, ids, [stop])
+        assert "".join(pieces) == shown and detok.stopped == (stop != "zzz"), stop
+    # The text before a special token is held back while it might begin a stop string.
+    detok = Detokenizer(tokenizer, ["is<|im_end|>"])
+    assert "".join(detok.push(t) for t in ids[: ids.index(3)]) == "Paris "
+
+
+def test_stop_string_of_a_generated_special_token(chat_folder: Path) -> None:
+    runner = LlamaRunner.load(chat_folder)
+    prompt = [[320, 28, 46, 195, 426]]
+    tokens = runner.generate(prompt, 24, eos_token_id=[])[0].tolist()
+    end = tokens.index(2) + 1  # this prompt makes the tiny model write <|im_start|>
+    assert runner.generate_text(prompt, 24, eos_token_id=[], stop=["<|im_start|>"]) == [
+        runner.tokenizer.decode(tokens[: end - 1])
+    ]
+    stopped = runner.generate(prompt, 24, eos_token_id=[], stop=["<|im_start|>"])
+    assert stopped.shape == (1, end) and stopped[0].tolist() == tokens[:end]
+
+
 def test_stream_text_joins_to_the_decoded_tokens(chat_folder: Path) -> None:
     runner = LlamaRunner.load(chat_folder)
     tokens = runner.generate(PROMPTS, 40, eos_token_id=[])

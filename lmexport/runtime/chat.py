@@ -87,10 +87,18 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _read_text(path: Path) -> str:
+    """The file's UTF-8 text; a one-line error for what cannot be read or decoded."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmexportError(f"{path}: unreadable ({e})") from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
         raise LmexportError(f"{path}: unreadable ({e})") from None
     if not isinstance(data, dict):
         raise LmexportError(f"{path}: not a JSON object")
@@ -167,7 +175,7 @@ def load_chat_template(folder: str | Path) -> ChatTemplate:
                 special[name] = text
     if (folder / TEMPLATE_FILE).is_file():
         path = folder / TEMPLATE_FILE
-        return ChatTemplate(path.read_text(encoding="utf-8"), special, str(path))
+        return ChatTemplate(_read_text(path), special, str(path))
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -305,8 +305,8 @@ class LlamaRunner:
             )
         if eos_token_id is None:
             stops = set(self.eos_token_ids)
-        elif isinstance(eos_token_id, int):
-            stops = {eos_token_id}
+        elif isinstance(eos_token_id, int | np.integer):  # numpy's integers too
+            stops = {int(eos_token_id)}
         else:
             stops = set(eos_token_id)
         rng = np.random.default_rng(seed)

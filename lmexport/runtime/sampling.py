@@ -62,7 +62,15 @@ def filtered_probabilities(logits: np.ndarray, sampling: Sampling) -> np.ndarray
     The filters apply one after another, as transformers' warpers and llama.cpp's samplers do:
     top-p measures its nucleus in what top-k left, renormalised, not in the whole vocabulary.
     """
-    scaled = logits.astype(np.float64) / sampling.temperature
+    with np.errstate(over="ignore"):
+        scaled = logits.astype(np.float64) / sampling.temperature
+    # A temperature so small that the scaled logits overflow (about 1e-300) leaves only the
+    # limit of temperature → 0: greedy, not NaN probabilities that would always draw token 0.
+    overflowed = np.flatnonzero(~np.isfinite(scaled.max(-1)))
+    if overflowed.size:
+        best = logits[overflowed].argmax(-1)
+        scaled[overflowed] = -np.inf
+        scaled[overflowed, best] = 0.0
     scaled -= scaled.max(-1, keepdims=True)
     probs = np.exp(scaled)
     order = np.argsort(-probs, axis=-1, kind="stable")

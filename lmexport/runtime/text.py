@@ -40,7 +40,11 @@ def check_stop(stop: Sequence[str]) -> list[str]:
 
 
 class Detokenizer:
-    """One row's text, handed out piece by piece as its tokens arrive."""
+    """One row's text, handed out piece by piece as its tokens arrive.
+
+    Stop strings are looked for in the text with special tokens (`<|im_end|>`, `<|eot_id|>`),
+    as transformers' `stop_strings` match them; the text handed out skips them, as a decode does
+    by default, and ends before the stop string all the same."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
@@ -54,24 +58,49 @@ class Detokenizer:
         if self.stopped:
             return ""
         self.ids.append(int(token))
-        return self._hand_out(self.tokenizer.decode(self.ids).rstrip(REPLACEMENT), final=False)
+        return self._hand_out(final=False)
 
     def finish(self) -> str:
         """What was held back, now that no token follows (up to a stop string, if any)."""
         if self.stopped:
             return ""
-        return self._hand_out(self.tokenizer.decode(self.ids), final=True)
+        return self._hand_out(final=True)
 
-    def _hand_out(self, decoded: str, final: bool) -> str:
-        found = [i for i in (decoded.find(s) for s in self.stop) if i >= 0]
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special))
+
+    def _hand_out(self, final: bool) -> str:
+        shown = self._decode(self.ids, True)
+        full = self._decode(self.ids, False) if self.stop else shown
+        if not final:
+            shown, full = shown.rstrip(REPLACEMENT), full.rstrip(REPLACEMENT)
+        found = [i for i in (full.find(s) for s in self.stop) if i >= 0]
         if found:
             self.stopped = True
-            end = max(min(found), len(self.text))
+            end = max(self._shown_end(min(found), full, shown), len(self.text))
+        elif final:
+            end = len(shown)
         else:
-            end = len(decoded) if final else len(decoded) - self._stop_prefix(decoded)
-        piece = decoded[len(self.text) : end]
+            end = self._shown_end(len(full) - self._stop_prefix(full), full, shown)
+        piece = shown[len(self.text) : end]
         self.text += piece
         return piece
+
+    def _shown_end(self, cut: int, full: str, shown: str) -> int:
+        """How much of `shown` comes before position `cut` of `full`: the shown text of the
+        tokens that end before it, and of the token it falls in the part before it, unless
+        that token is special (shown as nothing)."""
+        if cut >= len(full):
+            return len(shown)
+        n = len(self.ids)
+        while True:  # the most tokens whose text ends by `cut` (byte pieces may not decode)
+            n -= 1
+            before = self._decode(self.ids[:n], False)
+            if n == 0 or (len(before) <= cut and full.startswith(before)):
+                break
+        start = len(self._decode(self.ids[:n], True))
+        token_end = len(self._decode(self.ids[: n + 1], True))
+        return start + min(cut - len(before), token_end - start)
 
     def _stop_prefix(self, decoded: str) -> int:
         """Length of the longest tail of `decoded` that a stop string starts with."""
