@@ -204,6 +204,73 @@ def test_gf_refuses_another_size(gf_folder: Path, tmp_path: Path) -> None:
         ImageClassifier.load(gf_folder).logits(np.zeros((1, 3, 256, 256), np.float32))
 
 
+def test_imagenet_22k_checkpoint_converts_and_verifies(tmp_path: Path) -> None:
+    """HorNet-L's official checkpoints have a 21841-way head: `convert` takes the class count from
+    it, and `verify`, rebuilding the model from the checkpoint, does too. Labels only name
+    classes: ImageNet-1K's beside a 22K model stop `classify`, not `verify`."""
+    model = HorNet(variant_config("tiny-7x7", num_classes=21841))
+    init_random(model, 3)
+    ckpt = tmp_path / "hornet_in22k.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    out = tmp_path / "out"
+    code, _, err = run("convert", str(ckpt), "--arch", "hornet-tiny-7x7", "-o", str(out))
+    assert code == 0, err
+    manifest = json.loads((out / "lmexport.json").read_text())
+    assert manifest["config"]["num_classes"] == 21841
+    assert manifest["outputs"][0]["shape"] == ["batch", 21841]
+    (out / "labels.txt").write_text("".join(f"label {i}\n" for i in range(1000)))
+    code, text, err = run("verify", str(out))
+    assert code == 0, text + err
+    image = write_png(tmp_path / "ramp.png")
+    assert_bad_input(["classify", str(out), str(image)], "labels.txt", "1000 lines", "21841")
+
+
+def test_labels_with_a_byte_order_mark(tiny_7x7: Path) -> None:
+    (tiny_7x7 / "labels.txt").write_text("".join(f"label {i}\n" for i in range(1000)), "utf-8-sig")
+    try:
+        labels = ImageClassifier.load(tiny_7x7).labels
+    finally:
+        (tiny_7x7 / "labels.txt").unlink()
+    assert labels is not None and labels[0] == "label 0"
+
+
+def test_decompression_bomb_is_one_line(
+    tiny_7x7: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow refuses an image of more than twice MAX_IMAGE_PIXELS with DecompressionBombError,
+    no OSError; a small limit stands in for a 20000x10000 image."""
+    image = write_png(tmp_path / "bomb.png")  # 300x200
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert_bad_input(["classify", str(tiny_7x7), str(image)], "bomb.png", "too many pixels")
+
+
+def test_16_bit_grayscale_scaled_to_8_bits(tiny_7x7: Path, tmp_path: Path) -> None:
+    """convert("RGB") clips 16-bit values at 255: a 16-bit ramp became nearly white. Scaled by
+    1/257 and rounded (v · 257 - 100 → v, not v - 1), it matches the 8-bit ramp, whether Pillow
+    opens it as I;16 (PNG) or I (16-bit PGM)."""
+    ramp = np.tile(np.arange(256, dtype=np.int32), (64, 1))
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / "gray8.png")
+    wide = np.maximum(ramp * 257 - 100, 0)
+    Image.fromarray(wide.astype(np.uint16)).save(tmp_path / "gray16.png")
+    pgm = b"P5\n256 64\n65535\n" + wide.astype(">u2").tobytes()
+    (tmp_path / "gray16.pgm").write_bytes(pgm)
+    classifier = ImageClassifier.load(tiny_7x7)
+    expected = classifier.load_image(tmp_path / "gray8.png")
+    for name, mode in (("gray16.png", "I;16"), ("gray16.pgm", "I")):
+        with Image.open(tmp_path / name) as opened:
+            assert opened.mode == mode
+        assert np.array_equal(classifier.load_image(tmp_path / name), expected), name
+
+
+def test_float_and_32_bit_images_refused(tiny_7x7: Path, tmp_path: Path) -> None:
+    """Floats and integers past 16 bits have no one scale to 8 bits: refused, the mode named."""
+    values = np.full((64, 64), 70000.0, dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "float.tiff")
+    assert_bad_input(["classify", str(tiny_7x7), str(tmp_path / "float.tiff")], "mode F")
+    with pytest.raises(RuntimeInputError, match="mode I image with values outside 0-65535"):
+        ImageClassifier.load(tiny_7x7).preprocess(Image.fromarray(values.astype(np.int32)))
+
+
 def test_not_an_image(gf_folder: Path, tmp_path: Path) -> None:
     fake = tmp_path / "photo.png"
     fake.write_text("not a picture")

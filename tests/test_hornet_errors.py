@@ -10,6 +10,8 @@ import torch
 
 from lmexport.models.hornet import HorNet, variant_config
 from lmexport.models.presets import HORNET_ARCHS
+from lmexport.models.source import load_source
+from lmexport.verify.hornet import _source_model
 
 from helpers import assert_bad_input, run
 
@@ -45,6 +47,33 @@ def test_wrong_variant_names_the_shape(state: dict[str, torch.Tensor], tmp_path:
     ckpt = tmp_path / "tiny.pth"
     torch.save(state, ckpt)  # a bare state_dict
     assert_bad_input(convert_args(ckpt, "hornet-small-7x7"), "downsample_layers.0.0.weight", "96")
+    assert_nothing_written(ckpt)
+
+
+def test_imagenet_22k_head_sets_the_class_count(
+    state: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """The official HorNet-L checkpoints are ImageNet-22K: a 21841-way head, refused as mis-shaped
+    while the class count was always 1000. `verify` rebuilds the model from the folder's record
+    of its source, so it must read the count the same way."""
+    wide = dict(state)
+    wide["head.weight"], wide["head.bias"] = torch.randn(21841, 512), torch.randn(21841)
+    ckpt = tmp_path / "in22k.pth"
+    torch.save({"model": wide}, ckpt)
+    model = load_source(str(ckpt), arch="hornet-tiny-7x7").model
+    assert isinstance(model, HorNet) and model.config.num_classes == 21841
+    assert torch.equal(model.head.weight, wide["head.weight"])
+    record = {"kind": "checkpoint", "path": str(ckpt.resolve()), "arch": "hornet-tiny-7x7"}
+    rebuilt, _ = _source_model(record, None)
+    assert rebuilt.config.num_classes == 21841
+
+
+def test_head_bias_must_fit_the_head(state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    wide = dict(state)
+    wide["head.weight"] = torch.zeros(21841, 512)
+    ckpt = tmp_path / "half22k.pth"
+    torch.save(wide, ckpt)
+    assert_bad_input(convert_args(ckpt), "'head.bias' has shape [1000]", "needs [21841]")
     assert_nothing_written(ckpt)
 
 

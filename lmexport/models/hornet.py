@@ -62,8 +62,10 @@ VARIANTS = [
 ]
 
 
-def variant_config(variant: str) -> HorNetConfig:
-    """The paper's variants: `tiny|small|base|large` - `7x7|gf`, and `gf-384` for 384 inputs."""
+def variant_config(variant: str, num_classes: int = 1000) -> HorNetConfig:
+    """The paper's variants: `tiny|small|base|large` - `7x7|gf`, and `gf-384` for 384 inputs.
+    `num_classes`: 1000 for ImageNet-1K; the official HorNet-L checkpoints are ImageNet-22K
+    (21841)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown HorNet variant {variant!r} (choose from {', '.join(VARIANTS)})")
     size, mixer, *image = variant.split("-")
@@ -73,6 +75,7 @@ def variant_config(variant: str) -> HorNetConfig:
         variant=variant,
         dims=[base_dim * 2**i for i in range(4)],
         gf_sizes=gf_sizes_for(image_size) if mixer == "gf" else [None] * 4,
+        num_classes=num_classes,
     )
 
 

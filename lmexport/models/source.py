@@ -107,8 +107,10 @@ def _load_base(source: str, seed: int | None, arch: str | None) -> LoadedModel:
             raise SourceError(
                 f"{source}: a checkpoint file needs --arch (one of {', '.join(HORNET_ARCHS)})"
             )
-        model = hornet.HorNet(hornet.variant_config(arch.removeprefix("hornet-")))
-        hornet_checkpoint.load_weights(path, model, arch)
+        state = hornet_checkpoint.read_state_dict(path)
+        classes = hornet_checkpoint.head_classes(state)
+        model = hornet.HorNet(hornet.variant_config(arch.removeprefix("hornet-"), classes))
+        hornet_checkpoint.load_weights(path, state, model, arch)
         return LoadedModel("hornet", model.eval(), str(path.resolve()), None, checkpoint_arch=arch)
     if arch is not None:
         raise SourceError(f"--arch is for checkpoint files; {source} is a model folder")

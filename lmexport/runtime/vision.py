@@ -7,12 +7,13 @@ official release does it). Images are decoded with Pillow, imported only when an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import LmexportError, RuntimeInputError
+from ..errors import LmexportError, RuntimeInputError, first_line
 from .manifest import MODEL_FILE, read_manifest
 from .session import create_session
 
@@ -22,6 +23,8 @@ MIN_SIZE = 32  # four downsamplings, by 4, 2, 2 and 2
 MAX_SIZE = 2048
 MEAN = [0.485, 0.456, 0.406]  # ImageNet
 STD = [0.229, 0.224, 0.225]
+# 16-bit grayscale as Pillow opens it: `I;16*` (PNG, TIFF), or `I` (16-bit PGM) holding 0-65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def preprocessing(image_size: int) -> dict[str, Any]:
@@ -56,6 +59,27 @@ def _pillow() -> Any:
     return Image
 
 
+def _to_rgb(image: Any, pil: Any) -> Any:
+    """An 8-bit RGB copy of `image`. Pillow's convert("RGB") clips wider modes at 255, which turns
+    a 16-bit image nearly white: those are scaled to 8 bits first (value / 257, rounded, the
+    inverse of 8 → 16 bits' value · 257). 32-bit integers past 16 bits and floats have no one
+    scale (0-1, 0-255 or physical units), so they are refused rather than guessed."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise RuntimeInputError(
+                f"a mode {image.mode} image with values outside 0-65535 has no known scale to "
+                "8 bits; convert it to 8-bit RGB first"
+            )
+        image = pil.fromarray(np.rint(values / 257.0).astype(np.uint8))
+    elif image.mode == "F":
+        raise RuntimeInputError(
+            "a mode F (32-bit float) image has no known scale to 8 bits; "
+            "convert it to 8-bit RGB first"
+        )
+    return image.convert("RGB")
+
+
 class ImageClassifier:
     """One onnxruntime session over a HorNet `convert` output folder."""
 
@@ -70,7 +94,6 @@ class ImageClassifier:
         self.fixed_size: int | None = self.config.get("image_size")
         self.image_size: int = int(self.preprocessing["image_size"])
         self.num_classes: int = int(self.config["num_classes"])
-        self.labels = self._read_labels()
         self.session = create_session(folder / MODEL_FILE, provider, threads)
 
     @classmethod
@@ -80,11 +103,14 @@ class ImageClassifier:
         folder = Path(folder)
         return cls(folder, read_manifest(folder), provider, threads)
 
-    def _read_labels(self) -> list[str] | None:
+    @cached_property
+    def labels(self) -> list[str] | None:
+        """Class names from labels.txt, read when first needed: only naming classes uses them, so
+        a wrong labels file does not stop `verify`. utf-8-sig: editors may start it with a BOM."""
         path = self.folder / LABELS_FILE
         if not path.is_file():
             return None
-        labels = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        labels = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
         if len(labels) != self.num_classes:
             raise LmexportError(
                 f"{path}: {len(labels)} lines, the model has {self.num_classes} classes"
@@ -108,8 +134,9 @@ class ImageClassifier:
             raise RuntimeInputError(f"images may be at most {MAX_SIZE}x{MAX_SIZE} pixels")
 
     def preprocess(self, image: Any, image_size: int | None = None) -> np.ndarray:
-        """pixel_values [3, S, S] from a Pillow image or an [H, W, 3] uint8 array: resize,
-        centre crop, scale to [0, 1], normalise with the ImageNet mean and std."""
+        """pixel_values [3, S, S] from a Pillow image or an [H, W, 3] uint8 array: 8-bit RGB
+        (16-bit grayscale scaled down), resize, centre crop, scale to [0, 1], normalise with the
+        ImageNet mean and std."""
         size = self.image_size if image_size is None else image_size
         self._check_size(size, size)
         recipe = self.preprocessing if size == self.image_size else preprocessing(size)
@@ -118,7 +145,7 @@ class ImageClassifier:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise RuntimeInputError("an image array must be [height, width, 3] uint8 RGB")
             image = pil.fromarray(image)
-        image = image.convert("RGB")
+        image = _to_rgb(image, pil)
         resize = recipe["resize"]
         bicubic = pil.Resampling.BICUBIC
         if isinstance(resize, list):
@@ -150,6 +177,8 @@ class ImageClassifier:
             with pil.open(path) as image:
                 image.load()
                 return self.preprocess(image, image_size)
+        except pil.DecompressionBombError as e:
+            raise LmexportError(f"{path}: refused, too many pixels ({first_line(e)})") from None
         except (pil.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise LmexportError(
                 f"{path}: not an image Pillow can read ({type(e).__name__})"

@@ -94,9 +94,17 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return data
 
 
-def load_weights(path: Path, model: torch.nn.Module, arch: str) -> None:
-    """Copy the checkpoint's tensors into `model`; missing, extra or mis-shaped ones are named."""
-    state = read_state_dict(path)
+def head_classes(state: dict[str, Tensor]) -> int:
+    """The class count of a checkpoint's head: ImageNet-22K checkpoints (the official HorNet-L
+    ones) have 21841. Without a usable `head.weight`, ImageNet's 1000, so that `load_weights`
+    names what is missing or mis-shaped."""
+    head = state.get("head.weight")
+    return head.shape[0] if head is not None and head.ndim == 2 and head.shape[0] > 0 else 1000
+
+
+def load_weights(path: Path, state: dict[str, Tensor], model: torch.nn.Module, arch: str) -> None:
+    """Copy `state` (read from `path`) into `model`; missing, extra or mis-shaped tensors are
+    named."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
