@@ -413,3 +413,23 @@ def test_bad_optimize_and_bench_input(tiny_folder: Path, int4_folder: Path, tmp_
     assert_bad_input(["bench", str(tiny_folder), "--new-tokens", "1"], "--new-tokens")
     assert_bad_input(["bench", str(tiny_folder), "--prompt-length", "600"], "context of 512")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("options", "word"),
+    [
+        (QuantizeOptions(accuracy_level=7), "accuracy level"),
+        (QuantizeOptions(symmetric=True, offsets=True), "--symmetric"),
+        (QuantizeOptions(lm_head=False, lm_head_bits=8), "--lm-head-bits"),
+        (QuantizeOptions(bits=3), "int3"),
+    ],
+    ids=["accuracy", "two-schemes", "head-bits", "bits"],
+)
+def test_options_built_by_hand_are_checked(
+    options: QuantizeOptions, word: str, tmp_path: Path
+) -> None:
+    """`convert(quantize=QuantizeOptions(...))` gets the CLI's checks, before anything is
+    written (they were skipped, and the folder recorded the impossible settings)."""
+    with pytest.raises(LmexportError, match=word):
+        lmexport.convert("llama-tiny", tmp_path / "out", quantize=options)
+    assert not (tmp_path / "out").exists()

@@ -58,10 +58,25 @@ def quantize_options(
 
 
 def as_options(quantize: str | QuantizeOptions | None) -> QuantizeOptions | None:
-    """`convert(quantize=...)` takes a method name for the defaults, or full options."""
-    if quantize is None or isinstance(quantize, QuantizeOptions):
-        return quantize
-    return quantize_options(quantize)
+    """`convert(quantize=...)` takes a method name for the defaults, or full options, checked as
+    `quantize_options` checks the CLI's (a dataclass built by hand is not)."""
+    if quantize is None:
+        return None
+    if not isinstance(quantize, QuantizeOptions):
+        return quantize_options(quantize)
+    q = quantize
+    method = next((name for name, bits in METHODS.items() if bits == q.bits), f"int{q.bits}")
+    head_bits = None if q.lm_head_bits in (None, q.bits) else q.lm_head_bits
+    return quantize_options(
+        method,
+        q.block_size,
+        q.lm_head,
+        q.embedding,
+        q.accuracy_level,
+        q.symmetric,
+        q.offsets,
+        head_bits,
+    )
 
 
 def check_quantizable(manifest: dict[str, Any]) -> None:
