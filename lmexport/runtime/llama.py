@@ -15,7 +15,7 @@ from .device_cache import DeviceCache, keeps_logits
 from .manifest import LOGITS_TO_KEEP, MODEL_FILE, every_layer_grouped, read_manifest
 from .sampling import Sampling, choose
 from .session import create_session, session_provider
-from .speculative import SpeculativeStats, speculative_stream
+from .speculative import SpeculativeStats, check_draft, speculative_stream
 from .text import TextRows, TextStep
 from .tokenizer import load_tokenizer
 
@@ -297,12 +297,7 @@ class LlamaRunner:
             raise RuntimeInputError("max_new_tokens must be ≥ 0")
         if seed is not None and seed < 0:
             raise RuntimeInputError(f"seed must be ≥ 0, got {seed}")
-        limit = int(self.config["max_position_embeddings"])
-        if ids.shape[1] + max_new_tokens > limit:
-            raise RuntimeInputError(
-                f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
-                f"exceeds the context of {limit}"
-            )
+        self._check_fits(ids.shape[1], max_new_tokens, "the context")
         if eos_token_id is None:
             stops = set(self.eos_token_ids)
         elif isinstance(eos_token_id, int | np.integer):  # numpy's integers too
@@ -313,12 +308,21 @@ class LlamaRunner:
         if draft is not None:
             if ids.shape[0] != 1 or not mask.all():
                 raise RuntimeInputError("speculative decoding takes one unpadded prompt")
+            check_draft(self, draft, draft_tokens)
+            draft._check_fits(ids.shape[1], max_new_tokens, "the draft's context")
             tokens = speculative_stream(
                 self, draft, ids[0].tolist(), max_new_tokens, sampling, rng, stops,
                 draft_tokens, stats,
             )  # fmt: skip
             return _single_rows(tokens, stops, texts)
         return self._decode(ids, mask, max_new_tokens, stops, sampling, rng, texts)
+
+    def _check_fits(self, prompt: int, new_tokens: int, whose: str) -> None:
+        limit = int(self.config["max_position_embeddings"])
+        if prompt + new_tokens > limit:
+            raise RuntimeInputError(
+                f"prompt ({prompt}) + max_new_tokens ({new_tokens}) exceeds {whose} of {limit}"
+            )
 
     def _decode(
         self,

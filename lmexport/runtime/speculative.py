@@ -85,6 +85,19 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min((cdf <= rng.random() * cdf[-1]).sum(), len(probs) - 1))
 
 
+def check_draft(target: LlamaRunner, draft: LlamaRunner, k: int) -> None:
+    """A draft that cannot serve `target` is refused before generation starts."""
+    if draft.vocab_size != target.vocab_size:
+        raise RuntimeInputError(
+            f"the draft's vocabulary ({draft.vocab_size}) differs from the target's "
+            f"({target.vocab_size})"
+        )
+    if not (target.kv_cache and draft.kv_cache):
+        raise RuntimeInputError("speculative decoding needs KV-cache exports of both models")
+    if k < 1:
+        raise RuntimeInputError("the draft must propose at least 1 token")
+
+
 def speculative_stream(
     target: LlamaRunner,
     draft: LlamaRunner,
@@ -96,37 +109,8 @@ def speculative_stream(
     k: int = 4,
     stats: SpeculativeStats | None = None,
 ) -> Iterator[int]:
-    """Tokens of a batch-1 generation, as the target alone would produce them. The pair is
-    checked now, so that a draft that cannot serve fails at the call, not mid-generation."""
-    if draft.vocab_size != target.vocab_size:
-        raise RuntimeInputError(
-            f"the draft's vocabulary ({draft.vocab_size}) differs from the target's "
-            f"({target.vocab_size})"
-        )
-    if not (target.kv_cache and draft.kv_cache):
-        raise RuntimeInputError("speculative decoding needs KV-cache exports of both models")
-    if k < 1:
-        raise RuntimeInputError("the draft must propose at least 1 token")
-    limit = int(draft.config["max_position_embeddings"])
-    if len(prompt) + max_new_tokens > limit:
-        raise RuntimeInputError(
-            f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the draft's "
-            f"context of {limit}"
-        )
-    return _rounds(target, draft, prompt, max_new_tokens, sampling, rng, stops, k, stats)
-
-
-def _rounds(
-    target: LlamaRunner,
-    draft: LlamaRunner,
-    prompt: list[int],
-    max_new_tokens: int,
-    sampling: Sampling,
-    rng: np.random.Generator,
-    stops: set[int],
-    k: int,
-    stats: SpeculativeStats | None,
-) -> Iterator[int]:
+    """Tokens of a batch-1 generation, as the target alone would produce them (the pair checked
+    by `check_draft`, and the generation's length against both contexts, beforehand)."""
     stats = stats if stats is not None else SpeculativeStats()
     capacity = len(prompt) + max_new_tokens
     big, small = _Model(target, capacity), _Model(draft, capacity)
