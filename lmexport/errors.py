@@ -3,6 +3,10 @@
 Anything else escaping a command is a bug in lmexport and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 
 class LmexportError(Exception):
     """Bad input or usage: the message alone tells the user what to fix."""
@@ -29,3 +33,9 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """A foreign exception (onnxruntime's, torch.load's) cut to fit a one-line message: its
     first line, at most `limit` characters, or its type when it says nothing."""
     return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
+
+
+def listed(names: Sequence[object], limit: int = 3) -> str:
+    """The first `limit` names of a list too long for a one-line message, and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(str(n) for n in names[:limit]) + more

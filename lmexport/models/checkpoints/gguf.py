@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import SourceError
+from ...errors import SourceError, listed
 from ..llama import Llama, LlamaConfig
 from .lazy import expected_shapes
 
@@ -188,8 +188,7 @@ def check_tensors(gguf: GGUFFile, config: LlamaConfig) -> None:
         seen.add(target)
     missing = sorted(set(expected) - seen)
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise SourceError(f"{gguf.path}: missing tensors {', '.join(missing[:3])}{more}")
+        raise SourceError(f"{gguf.path}: missing tensors {listed(missing)}")
 
 
 def load_weights(gguf: GGUFFile, model: Llama) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ...errors import ConfigError, SourceError
+from ...errors import ConfigError, SourceError, listed
 from ..llama import Llama, LlamaConfig
 
 LLAMA_MODEL_TYPES = ("llama",)
@@ -182,8 +182,7 @@ def load_weights(folder: Path, model: Llama) -> None:
     needed = set(expected) - ({"lm_head.weight"} if tied else set())
     missing = sorted(needed - seen)
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise SourceError(f"{folder}: missing tensors {', '.join(missing[:3])}{more}")
+        raise SourceError(f"{folder}: missing tensors {listed(missing)}")
 
 
 def tokenizer_files(folder: Path) -> list[Path]:

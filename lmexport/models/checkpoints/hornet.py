@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import SourceError, first_line
+from ...errors import SourceError, first_line, listed
 
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 STATE_DICT_KEYS = ("model", "state_dict")  # where training scripts put the weights
@@ -90,7 +90,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         raise SourceError(f"{path}: holds no state_dict (expected one, or {{'model': state_dict}})")
     bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
-        raise SourceError(f"{path}: the state_dict has non-tensor entries ({_names(bad)})")
+        raise SourceError(f"{path}: the state_dict has non-tensor entries ({listed(bad, 4)})")
     return data
 
 
@@ -108,8 +108,8 @@ def load_weights(path: Path, state: dict[str, Tensor], model: torch.nn.Module, a
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
-    problems = [f"missing {_names(missing)}"] if missing else []
-    problems += [f"unexpected {_names(extra)}"] if extra else []
+    problems = [f"missing {listed(missing, 4)}"] if missing else []
+    problems += [f"unexpected {listed(extra, 4)}"] if extra else []
     if problems:
         raise SourceError(f"{path}: does not fit --arch {arch}: {'; '.join(problems)}")
     for name, tensor in state.items():
@@ -121,8 +121,3 @@ def load_weights(path: Path, state: dict[str, Tensor], model: torch.nn.Module, a
             )
         with torch.no_grad():
             want.copy_(tensor.to(want.dtype))
-
-
-def _names(keys: list[str], limit: int = 4) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(str(k) for k in keys[:limit]) + more

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ...errors import SourceError
+from ...errors import SourceError, listed
 from ..llama import Llama, LlamaConfig
 from . import hf, meta
 from .hornet import read_state_dict
@@ -80,8 +80,7 @@ class SafetensorsCheckpoint(LazyCheckpoint):
                     self.dtypes[name] = view[0:0].dtype
         missing = sorted(set(expected) - set(self._files))
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise SourceError(f"{folder}: missing tensors {', '.join(missing[:3])}{more}")
+            raise SourceError(f"{folder}: missing tensors {listed(missing)}")
         self.shapes = {name: self.shapes[name] for name in expected}
 
     @staticmethod
@@ -135,8 +134,7 @@ class MetaCheckpoint(LazyCheckpoint):
         for f, s, torchtune in zip(self._paths, shards, styles, strict=True):
             missing = [meta._their_name(k, torchtune) for k in expected if k not in s]
             if missing:
-                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-                raise SourceError(f"{f.name}: missing tensors {', '.join(missing[:3])}{more}")
+                raise SourceError(f"{f.name}: missing tensors {listed(missing)}")
             extra = [meta._their_name(k, torchtune) for k in s if k not in expected]
             if extra:
                 raise SourceError(

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ...errors import SourceError
+from ...errors import SourceError, listed
 from ..llama import Llama, LlamaConfig
 from .hf import read_json
 from .hornet import read_state_dict
@@ -347,8 +347,7 @@ def load(folder: Path) -> Llama:
     for f, s, torchtune in zip(files, shards, styles, strict=True):
         missing = [_their_name(k, torchtune) for k in expected if k not in s]
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise SourceError(f"{f.name}: missing tensors {', '.join(missing[:3])}{more}")
+            raise SourceError(f"{f.name}: missing tensors {listed(missing)}")
         extra = [_their_name(k, torchtune) for k in s if k not in expected]
         if extra:
             raise SourceError(
