@@ -121,6 +121,9 @@ class OrtEngine:
         self.runner.forward(prompt[None], np.ones((1, len(prompt)), np.int64), None, keep=1)
 
     def stream(self, prompt: np.ndarray, new_tokens: int) -> Iterator[int]:
+        # Acceptance is the last stream's: every timed round is the same greedy generation,
+        # and the warm-up's short rounds would skew it.
+        self.stats = SpeculativeStats()
         steps = self.runner.stream(
             prompt[None], new_tokens, eos_token_id=[], draft=self.draft, draft_tokens=self.k,
             stats=self.stats,

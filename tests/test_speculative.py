@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import lmexport
+from lmexport.bench import OrtEngine, measure
 from lmexport.errors import RuntimeInputError
 from lmexport.runtime import LlamaRunner
 from lmexport.runtime.sampling import Sampling, filtered_probabilities
@@ -160,3 +161,17 @@ def test_draft_checked_at_the_call(tiny_folder: Path, tmp_path: Path) -> None:
     other = lmexport.convert(str(tmp_path / "src"), tmp_path / "other")
     with pytest.raises(RuntimeInputError, match="vocabulary"):
         target.stream(PROMPT, 4, draft=LlamaRunner.load(other))
+
+
+def test_bench_acceptance_is_the_timed_rounds(tiny_folder: Path, tmp_path: Path) -> None:
+    """`bench --draft` reports the acceptance of the generation it timed, not one mixed with
+    its short warm-up rounds (an int4 draft: some proposals pass, more in the warm-up's)."""
+    lmexport.optimize(tiny_folder, tmp_path / "int4", quantize="int4")
+    target, draft = LlamaRunner.load(tiny_folder), LlamaRunner.load(tmp_path / "int4")
+    prompt = np.array(PROMPT[0])
+    stats = SpeculativeStats()
+    for _ in target.stream(prompt[None], 9, eos_token_id=[], draft=draft, stats=stats):
+        pass
+    [figures] = measure([OrtEngine("speculative", target, draft)], prompt, 9, repeats=2)
+    assert 0 < stats.acceptance_rate < 1
+    assert figures.acceptance_rate == stats.acceptance_rate
