@@ -41,7 +41,7 @@ from lmexport.bench import EngineFigures, OrtEngine, measure
 from lmexport.errors import LmexportError
 from lmexport.models.source import load_source
 from lmexport.quantize import quantize_options
-from lmexport.runtime import LlamaRunner, read_manifest
+from lmexport.runtime import LlamaRunner, read_manifest, share_threads
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -202,12 +202,6 @@ def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -
 
     loaded: list[Any] = []
 
-    def turn_taking(draft: str) -> list[LlamaRunner]:
-        """The fp32 target and a draft, loaded again with threads that do not spin."""
-        return [
-            LlamaRunner.load(ours[k], threads=args.threads, spinning=False) for k in ("fp32", draft)
-        ]
-
     def engines() -> Iterator[Any]:
         """Loaded one at a time, so that each one's peak RSS is taken before the next loads."""
         makers = [
@@ -218,12 +212,14 @@ def bench_model(label: str, source: str, root: Path, args: argparse.Namespace) -
             lambda: OrtEngine("ours int4 (float offsets, int8 head)", runners["int4-offsets"]),
             lambda: OrtEngine(
                 f"ours speculative (fp32 + int4 draft, k={args.draft_tokens})",
-                *turn_taking("int4"),
+                runners["fp32"],
+                runners["int4"],
                 args.draft_tokens,
             ),
             lambda: OrtEngine(
                 f"ours speculative (fp32 + int4 float-offsets draft, k={args.draft_tokens})",
-                *turn_taking("int4-offsets"),
+                runners["fp32"],
+                runners["int4-offsets"],
                 args.draft_tokens,
             ),
             lambda: GenaiEngine("onnxruntime-genai fp32", peers["fp32"]),
@@ -289,6 +285,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) folders.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # Every onnxruntime session of ours on one pool: speculative pairs take turns on it (see
+    # lmexport/runtime/session.py), and the engines that run alone lose nothing.
+    share_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
         bench_model("llama-bench", "llama-bench", root / "llama-bench", args)

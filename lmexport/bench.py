@@ -195,6 +195,11 @@ def _round(
     return {**figures, "decode_tokens_per_s": decode}, tokens
 
 
+def all_cores(threads: int | None) -> int:
+    """`threads`, or one per core (what a bench table reports)."""
+    return threads if threads is not None else os.cpu_count() or 1
+
+
 def bench(
     folder: str | Path,
     *,
@@ -209,7 +214,7 @@ def bench(
     draft_tokens: int = 4,
 ) -> BenchReport:
     """Time the folder's model (and PyTorch, and speculative decoding with `draft`)."""
-    threads = threads if threads is not None else os.cpu_count() or 1
+    threads = all_cores(threads)
     if prompt_length < 1 or new_tokens < 2 or repeats < 1 or threads < 1:
         raise LmexportError(
             "--prompt-length, --repeats and --threads must be at least 1, --new-tokens at least 2"
@@ -228,7 +233,7 @@ def bench(
 
     def engines() -> Iterator[Engine]:
         yield OrtEngine("ort", runner)
-        if draft is not None:  # a pair that takes turns, so threads that do not spin
+        if draft is not None:  # a pair that takes turns: threads that do not spin, or one pool
             pair = [LlamaRunner.load(f, provider, threads, spinning=False) for f in (folder, draft)]
             yield OrtEngine("speculative", pair[0], pair[1], draft_tokens)
         if vs_torch:

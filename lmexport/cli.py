@@ -414,7 +414,7 @@ def generate(
     from .runtime import LlamaRunner, load_chat_template
 
     texts = [*prompts, *(_read_prompt_file(prompt_file) if prompt_file is not None else [])]
-    # A target and its draft take turns: neither session's threads may spin (session.py).
+    _turn_taking(draft, None)
     runner = LlamaRunner.load(folder, provider=provider, spinning=draft is None)
     if provider == "auto" and runner.provider == "cpu":
         click.echo("lmexport: CUDA is not available here; running on the CPU", err=True)
@@ -511,8 +511,10 @@ def bench(
 ) -> None:
     """Prefill latency, time to first token, decode tokens/s and peak RSS of FOLDER's model."""
 
+    from .bench import all_cores
     from .bench import bench as run
 
+    _turn_taking(draft, all_cores(threads))
     json_file = None if json_path in (None, "-") else _report_file(Path(json_path), "--json")
     report = run(
         folder, prompt_length=prompt_length, new_tokens=new_tokens, threads=threads,
@@ -553,5 +555,22 @@ def inspect(path: Path) -> None:
         click.echo(f"  {count:>5}  {op}")
 
 
+def _turn_taking(draft: Path | None, threads: int | None) -> None:
+    """A target and its draft take turns: in the `lmexport` program, one pool of threads for
+    both (`share_threads`); elsewhere (the process is not ours to set) threads that do not
+    spin, as LlamaRunner.load(spinning=False) gives them."""
+    from .runtime import share_threads
+
+    if draft is not None and _Program.running:
+        share_threads(threads)
+
+
+class _Program:
+    """Whether this is the `lmexport` program's own process (not a test's or an app's call)."""
+
+    running = False
+
+
 def main() -> None:
+    _Program.running = True
     cli()

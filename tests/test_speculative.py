@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +11,12 @@ import pytest
 
 import lmexport
 from lmexport.bench import OrtEngine, measure
-from lmexport.errors import RuntimeInputError
-from lmexport.runtime import LlamaRunner
+from lmexport.errors import LmexportError, RuntimeInputError
+from lmexport.runtime import LlamaRunner, share_threads
 from lmexport.runtime.sampling import Sampling, filtered_probabilities
 from lmexport.runtime.speculative import SpeculativeStats, _Model
 
-from helpers import assert_bad_input, small_config, write_hf_folder
+from helpers import assert_bad_input, run, small_config, write_hf_folder
 
 PROMPT = [[3, 14, 15, 92, 65]]
 
@@ -175,3 +177,70 @@ def test_bench_acceptance_is_the_timed_rounds(tiny_folder: Path, tmp_path: Path)
     [figures] = measure([OrtEngine("speculative", target, draft)], prompt, 9, repeats=2)
     assert 0 < stats.acceptance_rate < 1
     assert figures.acceptance_rate == stats.acceptance_rate
+
+
+# Run in a child: `share_threads` sets this process's onnxruntime environment for good.
+SHARED_POOL = """
+import sys
+import numpy as np
+import onnx
+import lmexport
+from lmexport.errors import LmexportError
+from lmexport.optimizers.check import check_same
+from lmexport.runtime import LlamaRunner, share_threads
+from lmexport.runtime.session import create_session
+
+target_folder, draft_folder, out = sys.argv[1:]
+share_threads(2)
+lmexport.optimize(draft_folder, out, quantize="int4")  # its accuracy sessions
+graph = onnx.load(target_folder + "/model.onnx")
+assert check_same(graph, graph) == 0.0  # the sessions of optimize's check
+target, draft = LlamaRunner.load(target_folder, threads=2), LlamaRunner.load(out)
+for runner in (target, draft):
+    assert runner.session.get_session_options().use_per_session_threads is False
+prompt = [[3, 14, 15, 92, 65]]
+alone = target.generate(prompt, 12, eos_token_id=[])
+assert np.array_equal(target.generate(prompt, 12, eos_token_id=[], draft=draft), alone)
+for refused in (lambda: share_threads(2), lambda: create_session(out + "/model.onnx", threads=1)):
+    try:
+        refused()
+    except LmexportError as e:
+        print(e)
+"""
+
+
+def test_pair_on_one_pool(tiny_folder: Path, other_draft: Path, tmp_path: Path) -> None:
+    """`share_threads`: every session of the process on one pool (optimize's own sessions
+    included), a pair on it decodes as the target alone, and a second pool or a session with
+    threads of its own is refused in one line."""
+    args = [str(tiny_folder), str(other_draft), str(tmp_path / "int4")]
+    done = subprocess.run(
+        [sys.executable, "-c", SHARED_POOL, *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "share_threads must come before this process's first onnxruntime session",
+        "this process's sessions share 2 threads (share_threads), not 1",
+    ]
+
+
+def test_share_threads_after_a_session_is_refused(tiny_folder: Path) -> None:
+    """The first session fixed onnxruntime's environment: a pool asked for later would not
+    exist, and sessions told to use it would run on one thread."""
+    LlamaRunner.load(tiny_folder)
+    with pytest.raises(LmexportError, match="before this process's first"):
+        share_threads(2)
+
+
+def test_generate_draft_in_the_program(tiny_folder: Path, other_draft: Path) -> None:
+    """The `lmexport` program's own process puts a pair on one pool: same tokens as the
+    target alone (in-process calls, as the other tests make them, keep threads per session)."""
+    program = [sys.executable, "-c", "from lmexport.cli import main; main()", "generate"]
+    args = [str(tiny_folder), "--ids", "3,14,15,92,65", "--max-new-tokens", "12"]
+    paired = subprocess.run(
+        [*program, *args, "--draft", str(other_draft)], capture_output=True, text=True, timeout=600
+    )
+    assert paired.returncode == 0, paired.stderr
+    code, alone, err = run("generate", *args)
+    assert code == 0, err
+    assert paired.stdout == alone

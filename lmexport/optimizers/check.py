@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import LmexportError, first_line
-from ..runtime.session import QUIET
+from ..runtime.session import session_options
 from .pipeline import MAX_POSITIONS
 
 CHECK_DIM = 4  # every symbolic dimension of the generated inputs, but past lengths
@@ -78,8 +78,7 @@ def _generated_inputs(
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.log_severity_level = QUIET
+    options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
     return session.run(None, feeds)

@@ -26,6 +26,7 @@ from onnx.utils import Extractor
 
 from .. import spectral
 from ..errors import first_line
+from ..runtime.session import session_options
 from .report import Fusion
 
 TOLERANCE = 1e-4  # of the probe output against the circular convolution, relative to its scale
@@ -165,7 +166,9 @@ def _kernel(extractor: Extractor, region: Region) -> np.ndarray | str:
     assert region.x.name is not None and region.y.name is not None
     try:
         sub = extractor.extract_model([region.x.name], [region.y.name])
-        session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            sub.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # onnx and onnxruntime raise their own untyped errors
         return f"cannot evaluate the region ({first_line(e, 120)})"
     assert region.x.shape is not None

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from ..onnx_files import save_onnx
-from ..runtime.session import QUIET
+from ..runtime.session import session_options
 from ..verify.metrics import kl_divergence, top1_agreement
 
 # With a tokenizer the prompts are text; without one, seeded random ids of PROMPT_LENGTH.
@@ -51,10 +51,7 @@ class _Session:
     """A session over an in-memory graph (through a temporary file when it is too large)."""
 
     def __init__(self, model: onnx.ModelProto, threads: int | None) -> None:
-        options = ort.SessionOptions()
-        options.log_severity_level = QUIET
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         providers = ["CPUExecutionProvider"]
         if model.ByteSize() < ONNX_SIZE_LIMIT:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers)

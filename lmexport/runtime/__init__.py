@@ -6,6 +6,7 @@ from .batching import left_pad
 from .chat import ChatTemplate, load_chat_template
 from .llama import LlamaRunner
 from .manifest import read_manifest
+from .session import share_threads
 from .text import Detokenizer, TextStep
 from .tokenizer import load_tokenizer
 from .vision import ImageClassifier, Prediction
@@ -21,4 +22,5 @@ __all__ = [
     "load_chat_template",
     "load_tokenizer",
     "read_manifest",
+    "share_threads",
 ]
