@@ -8,11 +8,12 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import lmexport
-from lmexport.errors import RuntimeInputError
+from lmexport.errors import LmexportError, RuntimeInputError
 from lmexport.models.installed import INSTALLED
 from lmexport.models.llama import LlamaConfig
 from lmexport.models.presets import PRESETS
@@ -134,6 +135,46 @@ def test_manifest_missing_keys(tiny_folder: Path, tmp_path: Path) -> None:
         del manifest[key]
         (folder / "lmexport.json").write_text(json.dumps(manifest))
         assert_bad_input(["generate", str(folder), "--ids", "1,2"], "lmexport.json", key)
+
+
+def rewrite_manifest(tiny_folder: Path, folder: Path, **changes: Any) -> Path:
+    shutil.copytree(tiny_folder, folder)
+    manifest = json.loads((folder / "lmexport.json").read_text())
+    (folder / "lmexport.json").write_text(json.dumps({**manifest, **changes}))
+    return folder
+
+
+def test_manifest_fields_inside_config_and_source(tiny_folder: Path, tmp_path: Path) -> None:
+    """An empty `source` crashed verify (load_source(None)), an empty `config` verify and
+    generate (KeyError 'num_hidden_layers'): what they read inside them is checked on loading."""
+    folder = rewrite_manifest(tiny_folder, tmp_path / "source", source={})
+    assert_bad_input(["verify", str(folder)], "lmexport.json", "source.name or source.path")
+    folder = rewrite_manifest(tiny_folder, tmp_path / "config", config={})
+    for args in (["verify", str(folder)], ["generate", str(folder), "--ids", "1,2"]):
+        assert_bad_input(args, "lmexport.json", "config.num_hidden_layers", "config.vocab_size")
+    config = {**json.loads((tiny_folder / "lmexport.json").read_text())["config"]}
+    folder = rewrite_manifest(tiny_folder, tmp_path / "typed", config={**config, "head_dim": "16"})
+    assert_bad_input(["generate", str(folder), "--ids", "1,2"], "config.head_dim")
+    hornet = {"variant": "tiny-7x7", "num_classes": "1000"}
+    folder = rewrite_manifest(
+        tiny_folder, tmp_path / "hornet", arch="hornet", config=hornet, preprocess={}
+    )
+    words = ("lmexport.json", "config.num_classes", "preprocess.image_size")
+    assert_bad_input(["classify", str(folder), "x.png"], *words)
+
+
+def test_seed_is_for_presets(tmp_path: Path) -> None:
+    """`--seed` on any other source was silently ignored, the folder recording seed null."""
+    write_hf_folder(tmp_path / "hf", small_config())
+    ckpt = tmp_path / "hornet.pth"
+    ckpt.write_bytes(b"")  # refused before it is read
+    hf = str(tmp_path / "hf")
+    for source in ([hf], [hf, "--streaming"], [str(ckpt), "--arch", "hornet-tiny-7x7"]):
+        args = ["convert", *source, "--seed", "3", "-o", str(tmp_path / "out")]
+        assert_bad_input(args, "--seed is for presets", source[0])
+    with pytest.raises(LmexportError, match="--seed is for presets"):
+        lmexport.convert(hf, tmp_path / "out", seed=3)
+    assert not (tmp_path / "out").exists()
 
 
 def test_runner_seed_and_temperature(tiny_folder: Path) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmexport.models.hornet import HorNet, variant_config
+import lmexport
+from lmexport.models.hornet import HorNet, init_random, variant_config
 from lmexport.models.presets import HORNET_ARCHS
 from lmexport.models.source import load_source
 from lmexport.verify.hornet import _source_model
@@ -64,7 +67,8 @@ def test_imagenet_22k_head_sets_the_class_count(
     assert isinstance(model, HorNet) and model.config.num_classes == 21841
     assert torch.equal(model.head.weight, wide["head.weight"])
     record = {"kind": "checkpoint", "path": str(ckpt.resolve()), "arch": "hornet-tiny-7x7"}
-    rebuilt, _ = _source_model(record, None)
+    config = variant_config("tiny-7x7", 21841).to_dict()
+    rebuilt, _ = _source_model({"source": record, "config": config}, None)
     assert rebuilt.config.num_classes == 21841
 
 
@@ -156,3 +160,61 @@ def test_options_that_do_not_apply(tmp_path: Path) -> None:
         "--image-size 16: must be in [32, 2048]",
     )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def preset_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hornet-tiny-7x7's weights (seed 0) as a checkpoint file: the same model either way."""
+    ckpt = tmp_path_factory.mktemp("h7") / "h7.pth"
+    torch.save(load_source("hornet-tiny-7x7").model.state_dict(), ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def from_checkpoint(preset_weights: Path) -> Path:
+    out = preset_weights.parent / "from_checkpoint"
+    args = ["--arch", "hornet-tiny-7x7", "-o", str(out), "--image-size", "64", "-q"]
+    code, _, err = run("convert", str(preset_weights), *args)
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def from_preset(from_checkpoint: Path) -> Path:
+    """What `convert hornet-tiny-7x7` writes: the same graph, recorded as the preset (copied and
+    re-recorded rather than exported a second time, which takes twenty seconds)."""
+    out = from_checkpoint.parent / "from_preset"
+    shutil.copytree(from_checkpoint, out)
+    manifest = json.loads((out / "lmexport.json").read_text())
+    digest = manifest["source"]["weights_sha256"]
+    record = {"kind": "preset", "name": "hornet-tiny-7x7", "seed": 0, "weights_sha256": digest}
+    (out / "lmexport.json").write_text(json.dumps({**manifest, "source": record}))
+    return out
+
+
+@pytest.mark.slow
+def test_verify_source_preset_or_checkpoint_either_way(
+    preset_weights: Path, from_checkpoint: Path, from_preset: Path
+) -> None:
+    """A preset `--source` on a folder converted from a checkpoint was refused ("--arch is for
+    checkpoint files"), and a checkpoint `--source` on a preset's folder asked for --arch, which
+    verify does not take: a checkpoint has the folder's architecture, a preset its own."""
+    for folder, source in ((from_checkpoint, "hornet-tiny-7x7"), (from_preset, preset_weights)):
+        code, text, err = run("verify", str(folder), "--source", str(source))
+        assert code == 0, text + err
+        assert "source_weights" in text and "4 of 4 checks passed" in text, text
+
+
+@pytest.mark.slow
+def test_verify_source_of_another_shape(from_checkpoint: Path, tmp_path: Path) -> None:
+    """A source of another class count crashed in numpy with a broadcasting traceback."""
+    model = HorNet(variant_config("tiny-7x7", 10))
+    init_random(model, 1)
+    ten = tmp_path / "ten.pth"
+    torch.save(model.state_dict(), ten)
+    words = ("ten.pth", "num_classes is 10", "says 1000", "another shape")
+    assert_bad_input(["verify", str(from_checkpoint), "--source", str(ten)], *words)
+    words = ("hornet-tiny-gf", "variant is tiny-gf", "says tiny-7x7")
+    assert_bad_input(["verify", str(from_checkpoint), "--source", "hornet-tiny-gf"], *words)
+    with pytest.raises(lmexport.LmexportError, match="num_classes is 10"):
+        lmexport.verify(from_checkpoint, source=str(ten))

@@ -262,6 +262,19 @@ def test_streaming_refuses_what_it_cannot_stream(
     assert not (tmp_path / "out").exists()
 
 
+def test_automatic_streaming_does_not_blame_streaming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder that streams without --streaming (threshold lowered here), given --image-size:
+    the refusal named --streaming, which the user never gave."""
+    write_hf_folder(tmp_path / "hf", small_config())
+    monkeypatch.setattr(streaming, "AUTO_STREAMING_BYTES", 0)
+    args = ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "out"), "--image-size", "64"]
+    assert_bad_input(args, "--image-size applies to HorNet models only")
+    assert "--streaming" not in run(*args)[2]
+    assert not (tmp_path / "out").exists()
+
+
 def test_progress_bars_on_a_terminal() -> None:
     class Terminal:
         def __init__(self) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import LmexportError
 from ..models.hornet import HorNet
+from ..models.presets import PRESETS
 from ..models.source import load_source
 from ..quantize import QuantizeOptions, as_options, check_quantizable, quantize_into
 from .compat import check_runnable
@@ -52,6 +53,7 @@ def convert(
 ) -> Path:
     """Export `source` to `outdir`; returns the folder. Raises LmexportError on bad input.
 
+    `seed` sets a preset's random weights (other sources are refused with one);
     `arch` names a checkpoint file's architecture; `image_size` is a HorNet model's input size;
     `adapter` is a PEFT LoRA folder merged into the weights before export; `quantize` is
     "int4", "int8" or `QuantizeOptions` (weight-only, accuracy recorded in lmexport.json);
@@ -63,9 +65,14 @@ def convert(
         raise LmexportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     if dtype not in DTYPES:
         raise LmexportError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if seed is not None and str(source) not in PRESETS:
+        raise LmexportError(f"--seed is for presets (seeded random weights); {source} is not one")
     outdir = Path(outdir)
     if streaming is None:
         streaming = adapter is None and arch is None and streams_by_default(source)
+        # Only Llama checkpoint folders stream by default: refused here, not once loaded whole.
+        if streaming and image_size is not None:
+            raise LmexportError("--image-size applies to HorNet models only")
     if streaming:
         if adapter is not None or arch is not None or image_size is not None:
             raise LmexportError(

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import LmexportError
+from ..errors import LmexportError, listed
 
 MANIFEST = "lmexport.json"
 MODEL_FILE = "model.onnx"
@@ -19,6 +19,25 @@ _COMMON: dict[str, type] = {"config": dict, "target": str, "dtype": str, "source
 _REQUIRED = {
     "llama": {**_COMMON, "kv_cache": bool},
     "hornet": {**_COMMON, "preprocess": dict},
+}
+# Inside those: the entries the runtime sizes its inputs and caches by, and that `verify`
+# rebuilds and compares the source with (the rest are optional or only informative).
+_LLAMA_CONFIG = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+_REQUIRED_INSIDE: dict[str, dict[str, dict[str, type | tuple[type, ...]]]] = {
+    "llama": {"config": dict.fromkeys(_LLAMA_CONFIG, int)},
+    "hornet": {
+        "config": {"variant": str, "num_classes": int},
+        "preprocess": {"image_size": int, "resize": (int, list), "mean": list, "std": list},
+    },
 }
 
 
@@ -41,8 +60,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if arch not in _REQUIRED:
         raise LmexportError(f"{path}: unknown arch {arch!r} (choose from {', '.join(_REQUIRED)})")
     missing = [k for k, kind in _REQUIRED[arch].items() if not isinstance(manifest.get(k), kind)]
+    if not missing:
+        missing = [
+            f"{outer}.{key}"
+            for outer, fields in _REQUIRED_INSIDE[arch].items()
+            for key, kind in fields.items()
+            if not isinstance(manifest[outer].get(key), kind)
+        ]
+        source = manifest["source"]
+        # `name` for a preset, `path` for a folder or file: what verify rebuilds.
+        if not isinstance(source.get("name") or source.get("path"), str):
+            missing.append("source.name or source.path")
     if missing:
-        raise LmexportError(f"{path}: {', '.join(missing)} missing or of the wrong type")
+        raise LmexportError(f"{path}: {listed(missing)} missing or of the wrong type")
     if not (folder / MODEL_FILE).is_file():
         raise LmexportError(f"{folder}: {MODEL_FILE} is missing")
     return manifest

@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import LmexportError
 from ..models.hornet import HorNet
+from ..models.presets import PRESETS
 from ..models.source import load_source
 from ..runtime.vision import ImageClassifier
 from .metrics import max_abs_diff, top1_agreement
 from .report import Check, Report
-from .source import source_weights_check
+from .source import check_same_shape, source_weights_check
 
 FP32_LOGITS_TOL = 1e-4  # absolute, or relative to the largest logit where logits are large
+# The config fields that set the graph's and the source's tensor shapes (the variant first: it
+# names the difference best). `image_size` is not one: it is the exported input size.
+SHAPE_FIELDS = ("variant", "num_classes", "in_chans", "dims", "depths", "orders", "gf_sizes")
 
 
-def _source_model(record: dict[str, object], source: str | None) -> tuple[HorNet, str]:
+def _source_model(manifest: dict[str, Any], source: str | None) -> tuple[HorNet, str]:
+    """The PyTorch model a folder was exported from (or `source`), and its name. A preset builds
+    its own architecture (with the recorded seed when it is the folder's preset, as for a Llama);
+    a checkpoint file is read as the folder's architecture, which it must have to be compared."""
+    record, config = manifest["source"], manifest["config"]
     name = str(source or record.get("name") or record.get("path"))
-    preset = name == record.get("name")
-    seed = record.get("seed") if preset else None
-    arch = None if preset else record.get("arch")
-    model = load_source(
-        name, seed if isinstance(seed, int) else None, None if arch is None else str(arch)
-    ).model
+    seed = record.get("seed") if name == record.get("name") else None
+    path = Path(name)
+    checkpoint_file = name not in PRESETS and path.is_file() and path.suffix != ".gguf"
+    arch = f"hornet-{config['variant']}" if checkpoint_file else None
+    model = load_source(name, seed if isinstance(seed, int) else None, arch).model
     if not isinstance(model, HorNet):
         raise LmexportError(f"{name}: is not a HorNet model")
+    check_same_shape(model.config.to_dict(), config, name, SHAPE_FIELDS)
     return model, name
 
 
@@ -45,7 +54,7 @@ def verify_hornet(
 ) -> Report:
     classifier = ImageClassifier.load(folder, provider=provider)
     manifest = classifier.manifest
-    model, source_name = _source_model(manifest["source"], source)
+    model, source_name = _source_model(manifest, source)
     tolerances = {"logits_max_abs_or_relative": FP32_LOGITS_TOL, "top1_agreement": 1.0}
     report = Report(str(folder), source_name, provider, seed, manifest["dtype"], tolerances)
     report.checks.append(source_weights_check(model, manifest))

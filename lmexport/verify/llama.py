@@ -17,7 +17,7 @@ from .inputs import left_pad, random_ids
 from .metrics import cosine, kl_divergence, max_abs_diff, top1_agreement
 from .quantized import COMPUTE_KL, COMPUTE_TOP1, apply_quantization, compute_check, exact_runner
 from .report import Check, Report
-from .source import source_weights_check
+from .source import check_same_shape, source_weights_check
 
 FP32_LOGITS_TOL = 1e-4
 LOW_PRECISION_TOP1 = 0.99
@@ -110,19 +110,8 @@ def source_model(manifest: dict[str, Any], source: str | None) -> tuple[Llama, s
     model = load_source(name, seed, adapter=adapter).model
     if not isinstance(model, Llama):
         raise LmexportError(f"{name}: is not a Llama-family model")
-    check_same_shape(model.config.to_dict(), manifest["config"], name)
+    check_same_shape(model.config.to_dict(), manifest["config"], name, SHAPE_FIELDS)
     return model, name
-
-
-def check_same_shape(source: dict[str, Any], folder: dict[str, Any], name: str) -> None:
-    """Refuse a source of another shape than the folder's (`verify --source` or `bench
-    --source` naming another model): nothing of it could be compared."""
-    for key in SHAPE_FIELDS:
-        if source.get(key) != folder.get(key):
-            raise LmexportError(
-                f"{name}: {key} is {source.get(key)}, the folder's lmexport.json says "
-                f"{folder.get(key)} (a source of another shape than the folder)"
-            )
 
 
 def verify_llama(
