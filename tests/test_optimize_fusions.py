@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from lmexport.optimizers import optimize_model
@@ -519,4 +519,141 @@ def test_rotary_positions_of_batch_one(target: str, tmp_path: Path) -> None:
     fused, _ = optimize_model(model, target)
     assert Counter(n.op_type for n in fused.graph.node)["RotaryEmbedding"] == 1
     before, after = run_both(model, fused, {"x": x.numpy(), "positions": positions.numpy()})
+    assert np.abs(before - after).max() <= 1e-4
+
+
+class PairsAsHalvesRotary(InterleavedRotary):
+    """The even and odd channels rotated as in the interleaved form, but written back as
+    [real..., imag...] (unsqueezed at -2 before the Concat on the last axis): not interleaved."""
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.float()[..., None] * self.inv_freq
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        real, imag = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+        return torch.cat((real.unsqueeze(-2), imag.unsqueeze(-2)), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_rotary_pairs_written_as_halves_is_refused(target: str, tmp_path: Path) -> None:
+    model = export(PairsAsHalvesRotary(), rotary_inputs(), ["x", "positions"], tmp_path / "m.onnx")
+    fused, report = optimize_model(model, target)
+    assert "RotaryEmbedding" not in {n.op_type for n in fused.graph.node}
+    rotary = next(f for f in report.fusions if f.name == "rotary")
+    assert any("last axis" in reason for reason in rotary.refused), rotary.refused
+    x = rotary_inputs()[0].numpy()
+    before, after = run_both(model, fused, {"x": x, "positions": FAR_POSITIONS})
+    assert np.abs(before - after).max() <= 1e-4
+
+
+PREFIX = 3  # a prefix-LM's bidirectional prefix
+
+
+class WhereMaskBlock(GroupedBlock):
+    """GroupedBlock masked through a Where: `prefix_lm` attends both ways within the first
+    PREFIX positions (Where picks the causal part only outside them: not causal);
+    `causal_branches` picks between two masks that are both causal; `additive` turns the
+    boolean mask into a bias as transformers does, Where(allowed, 0, lowest)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__(True)
+        self.form = form
+
+    def forward(self, x: Tensor, positions: Tensor, attention_mask: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
+        k = self.k(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v = self.v(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5
+        index = torch.arange(s)
+        causal = (index[None, :] <= index[:, None])[None, None]
+        padding = (attention_mask > 0)[:, None, None, :]
+        in_prefix = ((index[None, :] < PREFIX) & (index[:, None] < PREFIX))[None, None]
+        lowest = torch.finfo(scores.dtype).min
+        if self.form == "prefix_lm":
+            ones = torch.ones(s, s, dtype=torch.int64)[None, None]
+            allowed = torch.where(in_prefix, ones, causal.long()).bool() & padding
+        elif self.form == "causal_branches":
+            # int64 values: onnxruntime has no boolean Where
+            picked = torch.where(in_prefix, (causal & padding).long(), causal.long())
+            allowed = picked.bool()
+        if self.form == "additive":
+            bias = torch.where(causal & padding, 0.0, lowest)
+            scores = scores + bias
+        else:
+            scores = scores.masked_fill(~allowed, lowest)
+        out = scores.softmax(-1) @ v
+        return out.transpose(1, 2).reshape(b, s, HEADS * HEAD_DIM)
+
+
+@pytest.mark.parametrize("form", ["prefix_lm", "causal_branches", "additive"])
+def test_group_query_attention_through_where(form: str, tmp_path: Path) -> None:
+    """Where keeps a causal part only if both of its values hold it (or it re-encodes a causal
+    condition as constants): a prefix-LM mask stays Attention, the others fuse."""
+    x, positions = torch.randn(2, 5, 64), torch.arange(5).repeat(2, 1)
+    args = (x, positions, torch.ones(2, 5, dtype=torch.int64))
+    names = ["x", "positions", "attention_mask"]
+    model = export(WhereMaskBlock(form), args, names, tmp_path / "m.onnx")
+    fused, report = optimize_model(model, "ort")
+    ops = Counter(n.op_type for n in fused.graph.node)
+    causal = form != "prefix_lm"
+    assert ops["GroupQueryAttention"] == int(causal) and ops["Attention"] == int(not causal)
+    if not causal:
+        gqa = next(f for f in report.fusions if f.name == "group_query_attention")
+        assert any("no causal part" in reason for reason in gqa.refused), gqa.refused
+    assert check_same(model, fused) <= 1e-4
+    feeds = {"x": x.numpy(), "positions": positions.numpy(), "attention_mask": np.ones((2, 5))}
+    feeds["attention_mask"] = feeds["attention_mask"].astype(np.int64)
+    before, after = run_both(model, fused, feeds)
+    assert np.abs(before - after).max() <= 1e-4
+    feeds |= {"positions": FAR_POSITIONS, "attention_mask": LEFT_PADDED}
+    assert_real_rows_match(model, fused, feeds, axis=1)
+
+
+def where_masked_attention(nan_guard: bool) -> onnx.ModelProto:
+    """Eager attention masked by Where(Not(mask), -inf, scores), with SDPA's NaN guard
+    Where(IsNaN(probs), 0, probs) after the Softmax or without it (hand-built)."""
+    shape = [1, 2, 4, 8]
+    initializers = [
+        numpy_helper.from_array(np.array(0.125, np.float32), "scale"),
+        numpy_helper.from_array(np.array(-np.inf, np.float32), "fill"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["raw"]),
+        helper.make_node("Mul", ["raw", "scale"], ["scores"]),
+        helper.make_node("Not", ["mask"], ["masked_out"]),
+        helper.make_node("Where", ["masked_out", "fill", "scores"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+    ]
+    probs = "probs"
+    if nan_guard:
+        nodes += [
+            helper.make_node("IsNaN", ["probs"], ["nan"]),
+            helper.make_node("Where", ["nan", "zero", "probs"], ["guarded"]),
+        ]
+        probs = "guarded"
+    nodes.append(helper.make_node("MatMul", [probs, "v"], ["out"]))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
+    inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, 1, 4, 4]))
+    output = helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)
+    graph = helper.make_graph(nodes, "attention", inputs, [output], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+@pytest.mark.parametrize("nan_guard", [False, True], ids=["plain", "nan_guard"])
+def test_where_masked_attention(nan_guard: bool) -> None:
+    """The NaN guard's 0 and the mask's fill are two values: both forms fuse."""
+    model = where_masked_attention(nan_guard)
+    fused, report = optimize_model(model, "onnx")
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["Attention"] == 1 and ops["Softmax"] == ops["IsNaN"] == ops["Where"] == 0, ops
+    assert report.applied_by_fusion()["attention"] == 1
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((1, 2, 4, 8)).astype(np.float32) for n in "qkv"}
+    feeds["mask"] = np.tril(np.ones((4, 4), bool))[None, None]
+    before, after = run_both(model, fused, feeds)
     assert np.abs(before - after).max() <= 1e-4

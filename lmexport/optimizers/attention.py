@@ -66,7 +66,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self.scores, self.masking, self.nan_guard = scores, masking, nan_guard
         self.upcast = upcast
 
-    def pattern(self, op, q, k, v, scale, mask, fill, q_scale, k_scale):
+    def pattern(self, op, q, k, v, scale, mask, fill, guard_fill, q_scale, k_scale):
         k_rep = _repeated(op, k, "k")
         v_rep = _repeated(op, v, "v")
         if self.scores in ("eager", "div"):
@@ -85,7 +85,8 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         else:
             probs = op.Softmax(masked, _outputs=["probs"])
         if self.nan_guard:
-            probs = op.Where(op.IsNaN(probs), fill, probs)
+            # Its own fill (0), not the mask's: one variable would ask for one value for both.
+            probs = op.Where(op.IsNaN(probs), guard_fill, probs)
         return op.MatMul(probs, v_rep)
 
     def check(  # type: ignore[override]  # the rewriter passes the bindings by name
@@ -132,7 +133,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
                 return result.fail("Where condition is not boolean", mask)
         elif mask.dtype != q.dtype:
             return result.fail(f"additive mask is {mask.dtype}, scores are {q.dtype}", mask)
-        if self.nan_guard and _scalar(bound.get("fill")) != 0.0:  # type: ignore[arg-type]
+        if self.nan_guard and _scalar(bound.get("guard_fill")) != 0.0:  # type: ignore[arg-type]
             return result.fail("the NaN guard does not replace NaN by 0")
         if mask.shape is None or mask.shape.rank() != 4 or mask.shape[2] != q.shape[2]:
             # onnxruntime's Attention does not broadcast the mask's query axis.

@@ -14,7 +14,10 @@ right padding, so every cache slot counts as valid (seqlens_k = total - 1) and t
 becomes the additive `attention_bias`.
 GroupQueryAttention is always causal, so a mask is refused unless part of it is a comparison of
 two position indices (key ≤ query + past, each from a Range) or a Trilu: a comparison of anything
-else (`attention_mask > 0`) is padding only.
+else (`attention_mask > 0`) is padding only. A Where keeps that part only when both of its values
+hold it, or when it turns a causal condition into two constants (transformers' boolean mask made
+additive, Where(allowed, 0, lowest)): Where(in_prefix, 1, causal), a prefix-LM's bidirectional
+prefix, is not causal.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from onnxscript.rewriter import MatchResult, pattern
 
 COMPARISONS = {"LessOrEqual", "Less", "GreaterOrEqual", "Greater"}
 # Ops whose output holds their inputs' mask values, combined (Or is left out: it can undo a causal
-# part), or moved and reshaped (their other inputs are shapes and indices, not mask values).
-COMBINING = {"And", "Not", "Where", "Add", "Mul", "Min", "Cast", "Identity"}
+# part; Where, which can too, is walked on its own terms), or moved and reshaped (their other
+# inputs are shapes and indices, not mask values).
+COMBINING = {"And", "Not", "Add", "Mul", "Min", "Cast", "Identity"}
 MOVING = {"Unsqueeze", "Reshape", "Expand", "Slice", "Squeeze", "Transpose", "Gather", "GatherND"}
 
 
@@ -76,10 +80,39 @@ def _is_causal(mask: ir.Value, depth: int = 12) -> bool:
     if node.op_type in COMPARISONS:
         a, b = node.inputs[0], node.inputs[1]
         return a is not b and _is_index(a) and _is_index(b)
+    if node.op_type == "Where":
+        return _where_is_causal(node, depth)
     if node.op_type not in MOVING | COMBINING:
         return False
     data = node.inputs[:1] if node.op_type in MOVING else node.inputs
     return any(v is not None and _is_causal(v, depth - 1) for v in data)
+
+
+def _where_is_causal(node: ir.Node, depth: int) -> bool:
+    """Where(condition, x, y) keeps a causal part if both x and y hold it (whichever it picks), or
+    if the condition holds it and x, y are two different constants: the Where then only encodes
+    the condition's values (Where(allowed, 0, lowest)). A causal part in one value only is undone
+    where the condition picks the other (a prefix-LM's Where(in_prefix, 1, causal))."""
+    if len(node.inputs) != 3:
+        return False
+    condition, x, y = node.inputs
+    if x is None or y is None:
+        return False
+    if _is_causal(x, depth - 1) and _is_causal(y, depth - 1):
+        return True
+    cx, cy = _constant(x), _constant(y)
+    return (
+        condition is not None
+        and cx is not None
+        and cy is not None
+        and not np.array_equal(cx, cy)
+        and _is_causal(condition, depth - 1)
+    )
+
+
+def _constant(value: ir.Value) -> np.ndarray | None:
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
 
 
 def _is_index(value: ir.Value | None, depth: int = 8) -> bool:

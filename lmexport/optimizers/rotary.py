@@ -168,9 +168,9 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
             x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
             real = op.Sub(op.Mul(x1, cos), op.Mul(x2, sin))
             imag = op.Add(op.Mul(x1, sin), op.Mul(x2, cos))
-            pairs = op.Concat(
-                op.Unsqueeze(real, _allow_other_inputs=True),
-                op.Unsqueeze(imag, _allow_other_inputs=True),
+            pairs = op.Concat(  # [..., d/2, 2] → [..., d] pairs (checked: unsqueezed at -1)
+                op.Unsqueeze(real, _allow_other_inputs=True, _outputs=["real_pairs"]),
+                op.Unsqueeze(imag, _allow_other_inputs=True, _outputs=["imag_pairs"]),
                 axis=-1,
             )
             return op.Reshape(pairs, _allow_other_inputs=True, _outputs=["rotated"])
@@ -194,6 +194,14 @@ class RotaryFusion(pattern.RewriteRuleClassBase):
         if self.halves == "interleaved":
             if not _slices_pairs(bound["x1"], bound["x2"]):
                 return result.fail("the two Slices are not the even and odd channels")
+            for part in ("real", "imag"):
+                unsqueezed = bound[f"{part}_pairs"]
+                if not _unsqueezed_last(unsqueezed):
+                    # At -2, the Concat on the last axis writes [real..., imag...]: halves.
+                    return result.fail(
+                        f"the {part} parts are not unsqueezed at the last axis (not paired)",
+                        unsqueezed,
+                    )
             rotated = bound["rotated"]
             if rotated.shape is None or list(rotated.shape) != list(x.shape):
                 return result.fail(f"interleaved result {rotated.shape} is not x's {x.shape}")
@@ -315,6 +323,29 @@ def _slices_pairs(x1: ir.Value, x2: ir.Value) -> bool:
         return starts[0], steps[0]
 
     return start_step(x1) == (0, 2) and start_step(x2) == (1, 2)
+
+
+def _unsqueezed_last(value: ir.Value) -> bool:
+    """Unsqueeze(part, [-1]) (or the rank's last axis): the Concat on the last axis that follows
+    then pairs real and imaginary parts channel by channel, [..., d/2, 2], as the interleaved
+    form reads them."""
+    node = value.producer()
+    if node is None:
+        return False
+    if len(node.inputs) > 1:
+        axes = _int_list(node.inputs[1])
+    else:  # opset < 13: an attribute
+        axes = list(node.attributes.get_ints("axes", [])) or None
+    if axes is None or len(axes) != 1:
+        return False
+    source = node.inputs[0]
+    if value.shape is not None:
+        rank: int | None = value.shape.rank()
+    elif source is not None and source.shape is not None:
+        rank = source.shape.rank() + 1
+    else:
+        rank = None
+    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
 
 
 def _splits_halves(x: ir.Value, head_dim: int) -> bool:
