@@ -306,14 +306,19 @@ class GroupedBlock(nn.Module):
         self.rotary = InterleavedRotary()
         self.causal = causal
 
-    def forward(self, x: Tensor, positions: Tensor, attention_mask: Tensor) -> Tensor:
+    def scores(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Scaled Q·Kᵀ of the rotated heads, and the values, both repeated to every head."""
         b, s, _ = x.shape
         q = self.q(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
         k = self.k(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
         v = self.v(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-        scores = (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5
+        return (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5, v
+
+    def forward(self, x: Tensor, positions: Tensor, attention_mask: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        scores, v = self.scores(x, positions)
         allowed = (attention_mask > 0)[:, None, None, :].expand(-1, 1, s, -1)
         if self.causal:
             index = torch.arange(s)
@@ -561,12 +566,7 @@ class WhereMaskBlock(GroupedBlock):
 
     def forward(self, x: Tensor, positions: Tensor, attention_mask: Tensor) -> Tensor:
         b, s, _ = x.shape
-        q = self.q(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2)
-        k = self.k(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        v = self.v(x).view(b, s, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
-        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-        scores = (q @ k.transpose(2, 3)) * HEAD_DIM**-0.5
+        scores, v = self.scores(x, positions)
         index = torch.arange(s)
         causal = (index[None, :] <= index[:, None])[None, None]
         padding = (attention_mask > 0)[:, None, None, :]

@@ -20,9 +20,9 @@ _REQUIRED = {
     "llama": {**_COMMON, "kv_cache": bool},
     "hornet": {**_COMMON, "preprocess": dict},
 }
-# Inside those: the entries the runtime sizes its inputs and caches by, and that `verify`
-# rebuilds and compares the source with (the rest are optional or only informative).
-_LLAMA_CONFIG = (
+# The Llama config fields that set the graph's tensor shapes: a `verify --source` that differs in
+# one of them cannot be compared with the folder at all.
+LLAMA_SHAPE_FIELDS = (
     "vocab_size",
     "hidden_size",
     "num_hidden_layers",
@@ -30,10 +30,11 @@ _LLAMA_CONFIG = (
     "num_key_value_heads",
     "head_dim",
     "intermediate_size",
-    "max_position_embeddings",
 )
+# Inside those: the entries the runtime sizes its inputs and caches by, and that `verify`
+# rebuilds and compares the source with (the rest are optional or only informative).
 _REQUIRED_INSIDE: dict[str, dict[str, dict[str, type | tuple[type, ...]]]] = {
-    "llama": {"config": dict.fromkeys(_LLAMA_CONFIG, int)},
+    "llama": {"config": dict.fromkeys((*LLAMA_SHAPE_FIELDS, "max_position_embeddings"), int)},
     "hornet": {
         "config": {"variant": str, "num_classes": int},
         "preprocess": {"image_size": int, "resize": (int, list), "mean": list, "std": list},

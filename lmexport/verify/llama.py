@@ -13,6 +13,7 @@ from ..errors import LmexportError
 from ..models.llama import Llama
 from ..models.source import load_source
 from ..runtime.llama import LlamaRunner
+from ..runtime.manifest import LLAMA_SHAPE_FIELDS
 from .inputs import left_pad, random_ids
 from .metrics import cosine, kl_divergence, max_abs_diff, top1_agreement
 from .quantized import COMPUTE_KL, COMPUTE_TOP1, apply_quantization, compute_check, exact_runner
@@ -25,17 +26,6 @@ LOW_PRECISION_TOP1 = 0.99
 # quantization (verify/quantized.py): float rounding only (KL ~1e-10), while every scale 5% off
 # gives KL 0.01 and a wrong layout or zero point ~1.
 QUANTIZED_TOP1, QUANTIZED_KL = 0.99, 1e-4
-# The config fields that set the graph's and the source's tensor shapes: a source that differs
-# in one of them cannot be compared with the folder at all.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-)
 GREEDY_PROMPT = 8  # random ids the greedy check starts from
 KV_PREFILL = 8  # the KV-cache check's prefill, then one-token steps
 PADDED_GREEDY = 8  # tokens the left-padded batch generates (at most --steps)
@@ -110,7 +100,7 @@ def source_model(manifest: dict[str, Any], source: str | None) -> tuple[Llama, s
     model = load_source(name, seed, adapter=adapter).model
     if not isinstance(model, Llama):
         raise LmexportError(f"{name}: is not a Llama-family model")
-    check_same_shape(model.config.to_dict(), manifest["config"], name, SHAPE_FIELDS)
+    check_same_shape(model.config.to_dict(), manifest["config"], name, LLAMA_SHAPE_FIELDS)
     return model, name
 
 
