@@ -332,10 +332,18 @@ class GroupedBlock(nn.Module):
 def test_group_query_attention_needs_a_causal_mask(causal: bool, tmp_path: Path) -> None:
     """`attention_mask > 0` is a comparison too, but of the mask, not of positions: a graph
     masked by it alone keeps Attention (GroupQueryAttention would add a causal mask)."""
+    fused_block(GroupedBlock(causal), causal, tmp_path)
+
+
+def fused_block(
+    block: nn.Module, causal: bool, tmp_path: Path
+) -> tuple[onnx.ModelProto, onnx.ModelProto, Tensor, Tensor]:
+    """The block exported and optimized for `ort`, checked: GroupQueryAttention if its mask is
+    `causal`, else Attention with the refusal's reason; the two graphs agree either way."""
     x, positions = torch.randn(2, 5, 64), torch.arange(5).repeat(2, 1)
     args = (x, positions, torch.ones(2, 5, dtype=torch.int64))
     names = ["x", "positions", "attention_mask"]
-    model = export(GroupedBlock(causal), args, names, tmp_path / "m.onnx")
+    model = export(block, args, names, tmp_path / "m.onnx")
     fused, report = optimize_model(model, "ort")
     ops = Counter(n.op_type for n in fused.graph.node)
     assert ops["GroupQueryAttention"] == int(causal) and ops["Attention"] == int(not causal)
@@ -343,6 +351,7 @@ def test_group_query_attention_needs_a_causal_mask(causal: bool, tmp_path: Path)
         gqa = next(f for f in report.fusions if f.name == "group_query_attention")
         assert any("no causal part" in reason for reason in gqa.refused), gqa.refused
     assert check_same(model, fused) <= 1e-4
+    return model, fused, x, positions
     feeds = {"x": x.numpy(), "positions": FAR_POSITIONS, "attention_mask": LEFT_PADDED}
     assert_real_rows_match(model, fused, feeds, axis=1)
 
@@ -592,18 +601,7 @@ class WhereMaskBlock(GroupedBlock):
 def test_group_query_attention_through_where(form: str, tmp_path: Path) -> None:
     """Where keeps a causal part only if both of its values hold it (or it re-encodes a causal
     condition as constants): a prefix-LM mask stays Attention, the others fuse."""
-    x, positions = torch.randn(2, 5, 64), torch.arange(5).repeat(2, 1)
-    args = (x, positions, torch.ones(2, 5, dtype=torch.int64))
-    names = ["x", "positions", "attention_mask"]
-    model = export(WhereMaskBlock(form), args, names, tmp_path / "m.onnx")
-    fused, report = optimize_model(model, "ort")
-    ops = Counter(n.op_type for n in fused.graph.node)
-    causal = form != "prefix_lm"
-    assert ops["GroupQueryAttention"] == int(causal) and ops["Attention"] == int(not causal)
-    if not causal:
-        gqa = next(f for f in report.fusions if f.name == "group_query_attention")
-        assert any("no causal part" in reason for reason in gqa.refused), gqa.refused
-    assert check_same(model, fused) <= 1e-4
+    model, fused, x, positions = fused_block(WhereMaskBlock(form), form != "prefix_lm", tmp_path)
     feeds = {"x": x.numpy(), "positions": positions.numpy(), "attention_mask": np.ones((2, 5))}
     feeds["attention_mask"] = feeds["attention_mask"].astype(np.int64)
     before, after = run_both(model, fused, feeds)

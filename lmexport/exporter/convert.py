@@ -67,12 +67,14 @@ def convert(
         raise LmexportError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     if seed is not None and str(source) not in PRESETS:
         raise LmexportError(f"--seed is for presets (seeded random weights); {source} is not one")
+    # HorNet models are its presets and the checkpoint files `--arch` names: known before a
+    # (maybe large, maybe streaming) Llama is loaded.
+    preset = PRESETS.get(str(source))
+    if image_size is not None and arch is None and (preset is None or preset.arch != "hornet"):
+        raise LmexportError("--image-size applies to HorNet models only")
     outdir = Path(outdir)
     if streaming is None:
         streaming = adapter is None and arch is None and streams_by_default(source)
-        # Only Llama checkpoint folders stream by default: refused here, not once loaded whole.
-        if streaming and image_size is not None:
-            raise LmexportError("--image-size applies to HorNet models only")
     if streaming:
         if adapter is not None or arch is not None or image_size is not None:
             raise LmexportError(
@@ -92,8 +94,6 @@ def convert(
                 raise LmexportError("--no-kv-cache applies to Llama models only")
             write_manifest(stage, convert_hornet(loaded, stage, target, dtype, image_size))
             return outdir
-        if image_size is not None:
-            raise LmexportError("--image-size applies to HorNet models only")
         source_record = loaded.source_record()
         model = loaded.model.to(DTYPES[dtype])
         proto = export_llama(model, target, kv_cache=kv_cache)

@@ -25,13 +25,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
+from .constants import scalar
+
 VERY_NEGATIVE = -1e4  # a masked-out score at or below this is a mask, not a value
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    if value is None or value.const_value is None or value.const_value.size != 1:
-        return None
-    return float(value.const_value.numpy().reshape(-1)[0])
 
 
 def _repeated(op, kv, name: str):
@@ -126,14 +122,14 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         if self.upcast and not _upcast_softmax(bound, q.dtype):
             return result.fail(f"the Casts around Softmax are not {q.dtype} → float32 → back", q)
         if self.masking == "where":
-            fill = _scalar(bound.get("fill"))  # type: ignore[arg-type]
+            fill = scalar(bound.get("fill"))  # type: ignore[arg-type]
             if fill is None or fill > VERY_NEGATIVE:
                 return result.fail(f"Where fills {fill}, not a masking value", mask)
             if mask.dtype != ir.DataType.BOOL:
                 return result.fail("Where condition is not boolean", mask)
         elif mask.dtype != q.dtype:
             return result.fail(f"additive mask is {mask.dtype}, scores are {q.dtype}", mask)
-        if self.nan_guard and _scalar(bound.get("guard_fill")) != 0.0:  # type: ignore[arg-type]
+        if self.nan_guard and scalar(bound.get("guard_fill")) != 0.0:  # type: ignore[arg-type]
             return result.fail("the NaN guard does not replace NaN by 0")
         if mask.shape is None or mask.shape.rank() != 4 or mask.shape[2] != q.shape[2]:
             # onnxruntime's Attention does not broadcast the mask's query axis.
@@ -145,12 +141,12 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
 
     def _scale(self, bound: dict[str, object]) -> float | None:
         if self.scores in ("eager", "div"):
-            scale = _scalar(bound.get("scale"))  # type: ignore[arg-type]
+            scale = scalar(bound.get("scale"))  # type: ignore[arg-type]
             if self.scores == "eager" or scale is None:
                 return scale
             return 1.0 / scale if scale else None
-        a = _scalar(bound.get("q_scale"))  # type: ignore[arg-type]
-        b = _scalar(bound.get("k_scale"))  # type: ignore[arg-type]
+        a = scalar(bound.get("q_scale"))  # type: ignore[arg-type]
+        b = scalar(bound.get("k_scale"))  # type: ignore[arg-type]
         return None if a is None or b is None else a * b
 
     def rewrite(self, op, q, k, v, mask, **bound):

@@ -26,6 +26,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
+from .constants import const_array
+
 COMPARISONS = {"LessOrEqual", "Less", "GreaterOrEqual", "Greater"}
 # Ops whose output holds their inputs' mask values, combined (Or is left out: it can undo a causal
 # part; Where, which can too, is walked on its own terms), or moved and reshaped (their other
@@ -100,7 +102,7 @@ def _where_is_causal(node: ir.Node, depth: int) -> bool:
         return False
     if _is_causal(x, depth - 1) and _is_causal(y, depth - 1):
         return True
-    cx, cy = _constant(x), _constant(y)
+    cx, cy = const_array(x), const_array(y)
     return (
         condition is not None
         and cx is not None
@@ -108,11 +110,6 @@ def _where_is_causal(node: ir.Node, depth: int) -> bool:
         and not np.array_equal(cx, cy)
         and _is_causal(condition, depth - 1)
     )
-
-
-def _constant(value: ir.Value) -> np.ndarray | None:
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _is_index(value: ir.Value | None, depth: int = 8) -> bool:

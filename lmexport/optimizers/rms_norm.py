@@ -20,6 +20,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
+from .constants import scalar
+
 
 class RMSNormFusion(pattern.RewriteRuleClassBase):
     def pattern(self, op, x, axes, epsilon, weight):
@@ -66,7 +68,7 @@ class RMSNormFusion(pattern.RewriteRuleClassBase):
         assert reduce is not None
         if reduce.attributes.get_int("keepdims", 1) != 1:
             return result.fail("ReduceMean drops the reduced axis (keepdims=0)", mean)
-        if _scalar(epsilon) is None:
+        if scalar(epsilon) is None:
             return result.fail("epsilon is not a constant scalar", epsilon)
         size = x.shape[-1]
         if weight.shape is None or weight.shape.rank() != 1 or weight.shape[0] != size:
@@ -75,16 +77,8 @@ class RMSNormFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, epsilon, weight, **_):
         return op.RMSNormalization(
-            x, weight, axis=-1, epsilon=_scalar(epsilon), stash_type=ir.DataType.FLOAT.value
+            x, weight, axis=-1, epsilon=scalar(epsilon), stash_type=ir.DataType.FLOAT.value
         )
-
-
-def _scalar(value: ir.Value) -> float | None:
-    """The number a constant one-element tensor holds, else None."""
-    tensor = value.const_value
-    if tensor is None or tensor.size != 1:
-        return None
-    return float(tensor.numpy().reshape(-1)[0])
 
 
 rules = pattern.RewriteRuleSet([RMSNormFusion.rule("RMSNormalization")], commute=True)

@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
+from .constants import const_array
+
 HALVES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -32,12 +34,6 @@ class Angles:
     positions: ir.Value
     cos_cache: np.ndarray  # [max_positions, head_dim / 2], float32
     sin_cache: np.ndarray
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
@@ -98,8 +94,8 @@ def trace_angles(
     mul = _producer(freqs, "Mul")
     if mul is None:
         return "frequencies are not positions · inv_freq"
-    inv_freq = next((c for c in map(_const, mul.inputs) if c is not None), None)
-    other = next((v for v in mul.inputs if _const(v) is None), None)
+    inv_freq = next((c for c in map(const_array, mul.inputs) if c is not None), None)
+    other = next((v for v in mul.inputs if const_array(v) is None), None)
     if inv_freq is None or other is None:
         return "inv_freq is not a constant"
     inv_freq = inv_freq.astype(np.float32).reshape(-1)
@@ -134,7 +130,7 @@ def _trace_tables(cos: ir.Value, sin: ir.Value, head_dim: int) -> Angles | str:
     sin_source, sin_positions = _gathered(_cos_sin_source(sin))
     if positions is None or sin_positions is None:
         return "cos/sin are neither Cos/Sin of angles nor gathered from constant tables"
-    cos_table, sin_table = _const(cos_source), _const(sin_source)
+    cos_table, sin_table = const_array(cos_source), const_array(sin_source)
     if cos_table is None or sin_table is None or positions is not sin_positions:
         return "cos/sin tables are not constants gathered by the same positions"
     if cos_table.ndim != 2 or cos_table.shape[1] != head_dim or sin_table.shape != cos_table.shape:
@@ -288,7 +284,7 @@ def _same_dim(a: int | ir.SymbolicDim, b: int | ir.SymbolicDim) -> bool:
 
 
 def _int_list(value: ir.Value | None) -> list[int] | None:
-    array = _const(value)
+    array = const_array(value)
     return None if array is None else [int(v) for v in array.reshape(-1)]
 
 
