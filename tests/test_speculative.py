@@ -226,7 +226,7 @@ def test_pair_on_one_pool(tiny_folder: Path, other_draft: Path, tmp_path: Path) 
 
 def test_share_threads_after_a_session_is_refused(tiny_folder: Path) -> None:
     """The first session fixed onnxruntime's environment: a pool asked for later would not
-    exist, and sessions told to use it would run on one thread."""
+    exist, and sessions told to use it would have none."""
     LlamaRunner.load(tiny_folder)
     with pytest.raises(LmexportError, match="before this process's first"):
         share_threads(2)

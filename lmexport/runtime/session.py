@@ -35,7 +35,8 @@ def share_threads(threads: int | None = None) -> None:
     of their own: spinning between runs, they hold the cores the other session needs, and
     without spinning every run waits for its threads to wake. One pool spins for whichever
     session runs next. onnxruntime makes the pool with its environment, so this must come
-    before the process's first session; a session made earlier would run on one thread."""
+    before the process's first session (later, onnxruntime accepts the sizes silently and
+    makes no pool)."""
     if _Pool.shared or _Pool.sessions:
         raise LmexportError(
             "share_threads must come before this process's first onnxruntime session"
