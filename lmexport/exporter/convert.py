@@ -65,11 +65,11 @@ def convert(
         raise LmexportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     if dtype not in DTYPES:
         raise LmexportError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    if seed is not None and str(source) not in PRESETS:
+    preset = PRESETS.get(str(source))
+    if seed is not None and preset is None:
         raise LmexportError(f"--seed is for presets (seeded random weights); {source} is not one")
     # HorNet models are its presets and the checkpoint files `--arch` names: known before a
     # (maybe large, maybe streaming) Llama is loaded.
-    preset = PRESETS.get(str(source))
     if image_size is not None and arch is None and (preset is None or preset.arch != "hornet"):
         raise LmexportError("--image-size applies to HorNet models only")
     outdir = Path(outdir)

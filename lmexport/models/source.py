@@ -73,6 +73,18 @@ def load_source(
     return loaded
 
 
+def is_checkpoint_file(source: str) -> bool:
+    """A file whose architecture `--arch` must name (a HorNet `.pth`): not a preset, an
+    installed model, a GGUF file or a folder."""
+    path = Path(source)
+    return (
+        source not in PRESETS
+        and source not in INSTALLED
+        and path.is_file()
+        and path.suffix != ".gguf"
+    )
+
+
 def _load_base(source: str, seed: int | None, arch: str | None) -> LoadedModel:
     if arch is not None and arch not in HORNET_ARCHS:
         raise SourceError(f"unknown --arch {arch!r} (choose from {', '.join(HORNET_ARCHS)})")
@@ -102,7 +114,7 @@ def _load_base(source: str, seed: int | None, arch: str | None) -> LoadedModel:
             raise SourceError(f"--arch is for HorNet checkpoints; {source} is a GGUF file")
         model, texts = gguf.load(path)
         return LoadedModel("llama", model.eval(), str(path.resolve()), None, tokenizer_texts=texts)
-    if not path.is_dir():
+    if is_checkpoint_file(source):
         if arch is None:
             raise SourceError(
                 f"{source}: a checkpoint file needs --arch (one of {', '.join(HORNET_ARCHS)})"

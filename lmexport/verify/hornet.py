@@ -10,8 +10,7 @@ import torch
 
 from ..errors import LmexportError
 from ..models.hornet import HorNet
-from ..models.presets import PRESETS
-from ..models.source import load_source
+from ..models.source import is_checkpoint_file, load_source
 from ..runtime.vision import ImageClassifier
 from .metrics import max_abs_diff, top1_agreement
 from .report import Check, Report
@@ -30,9 +29,7 @@ def _source_model(manifest: dict[str, Any], source: str | None) -> tuple[HorNet,
     record, config = manifest["source"], manifest["config"]
     name = str(source or record.get("name") or record.get("path"))
     seed = record.get("seed") if name == record.get("name") else None
-    path = Path(name)
-    checkpoint_file = name not in PRESETS and path.is_file() and path.suffix != ".gguf"
-    arch = f"hornet-{config['variant']}" if checkpoint_file else None
+    arch = f"hornet-{config['variant']}" if is_checkpoint_file(name) else None
     model = load_source(name, seed if isinstance(seed, int) else None, arch).model
     if not isinstance(model, HorNet):
         raise LmexportError(f"{name}: is not a HorNet model")
